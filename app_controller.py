@@ -474,10 +474,10 @@ def run_tick(mode):
     desired, placements = schedule(desired, live_nodes)
     for name, node in placements:
         say("schedule", name=name, node=node)
-    desired = save_assignments(declared, desired)
     unscheduled = [name for name, node in desired.items() if node is None]
     for name in unscheduled:
         say("unschedulable", name=name)
+    desired = save_assignments(declared, desired)  # steps 3 and 4 go into the file
 
     say("step_5")  # RECONCILE: diff, then act (every controller's sync)
     failures = reconcile(observed, desired, live_nodes)
@@ -567,7 +567,7 @@ shutting_down = threading.Event()
 def control_loop():
     """The control loop: tick, wait, tick again, until the process is stopped."""
     mode = "start"
-    while mode:
+    while True:
         try:
             run_tick(mode)
         except ShuttingDown:
@@ -576,6 +576,8 @@ def control_loop():
             say("tick_failed", error=describe(error))
             end_tick({}, [], failed=error)
         mode = loop_timer.wait_for_next_tick()
+        if mode is None:  # shutting down
+            return
 
 
 # ---------------------------------------------------------------------------
