@@ -876,10 +876,14 @@ def check_configuration():
 
 def main():
     check_configuration()
-    # The tick log is the lesson: keep one access-log line per request out of it.
+    # The tick log is the lesson: keep out of it one access-log line per request,
+    # and paramiko's traceback for every node that does not answer (the tick log
+    # already says "unavailable").
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     server = make_server(API_HOST, API_PORT, api, threaded=True)
-    threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     name="api", daemon=True).start()
     say("started", host=API_HOST, port=API_PORT, nodes=", ".join(NODES), tick=TICK_SECONDS)
 
     def stop(signum, frame):

@@ -80,6 +80,15 @@ def wait_for_banner(host, port, timeout=10.0):
     raise TimeoutError(f"no SSH banner on {host}:{port} after {timeout}s")
 
 
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def descendants(pid):
     """PIDs of every live descendant of `pid` (children, grandchildren...), via /proc."""
     children = {}
@@ -172,13 +181,19 @@ AllowUsers {user}
 LogLevel ERROR
 MaxStartups 100
 MaxSessions 100
-"""
+{extra}"""
+
+# bash sources ~/.bashrc for a command run by sshd when it is a top-level shell.
+# On a developer machine that file may be slow (pyenv init: ~160 ms per command
+# here), which would measure the laptop, not the controller. With SHLVL=1 in the
+# session's environment bash starts at level 2 and skips it, like a bare node image.
+SKIP_BASHRC = "SetEnv SHLVL=1\n"
 
 
 class SshdNode:
     """One sshd process playing the node `name` on 127.0.0.1:`port`."""
 
-    def __init__(self, name, port, base_dir, keys_dir, state_dir, user):
+    def __init__(self, name, port, base_dir, keys_dir, state_dir, user, extra_config=""):
         self.name = name
         self.port = port
         self.host = "127.0.0.1"
@@ -187,7 +202,7 @@ class SshdNode:
         self.log_path = Path(base_dir) / f"sshd_{name}.log"
         self.config.write_text(SSHD_CONFIG.format(
             port=port, host_key=Path(keys_dir) / "host_key",
-            authorized_keys=Path(keys_dir) / "client_key.pub", user=user))
+            authorized_keys=Path(keys_dir) / "client_key.pub", user=user, extra=extra_config))
         self.proc = None
         self.hung = False
 
@@ -264,6 +279,16 @@ class SshdNode:
         self.kill()
         return self.start(timeout=timeout)
 
+    def connections(self):
+        """PIDs of the listener's direct children: one per open SSH connection."""
+        if not self.alive:
+            return []
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:  # kernels without /proc/PID/task/TID/children
+            return [p for p in descendants(self.proc.pid) if _ppid(p) == self.proc.pid]
+
     def sessions(self):
         """PIDs of the processes forked by this sshd (one tree per SSH connection)."""
         return descendants(self.proc.pid) if self.alive else []
@@ -274,10 +299,12 @@ class SshdCluster:
 
     base_dir: where configs, logs and (by default) keys and state live; a fresh
     temporary directory if None (removed on close). keys_dir: reuse keys across
-    clusters (generated if missing).
+    clusters (generated if missing). skip_bashrc: see SKIP_BASHRC. extra_config:
+    more sshd_config lines.
     """
 
-    def __init__(self, count=3, base_dir=None, keys_dir=None, names=None, user=None):
+    def __init__(self, count=3, base_dir=None, keys_dir=None, names=None, user=None,
+                 skip_bashrc=True, extra_config=""):
         self._own_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="pull-mode-sshd-"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +316,8 @@ class SshdCluster:
         self.nodes = {}
         for name in names:
             self.nodes[name] = SshdNode(name, free_port(), self.base_dir, self.keys_dir,
-                                        self.state_dir, self.user)
+                                        self.state_dir, self.user,
+                                        (SKIP_BASHRC if skip_bashrc else "") + extra_config)
 
     @property
     def client_key(self):
@@ -336,10 +364,11 @@ class SshdCluster:
         return {name: node.running for name, node in self.nodes.items()}
 
     def placements(self, live_only=True):
-        """{container: [nodes listing it]} over the (live) nodes' files."""
+        """{container: [nodes listing it]} over the nodes' files (live_only: skip the
+        killed and the hung nodes)."""
         found = {}
         for node in self.nodes.values():
-            if live_only and not node.alive:
+            if live_only and (not node.alive or node.hung):
                 continue
             for line in node.running:
                 if line.strip():
@@ -359,6 +388,8 @@ def _current_user():
 class Controller:
     """`python app_controller.py` against a cluster; stdout captured line by line.
 
+    The script is the repository's app_controller.py, or $PULL_MODE_CONTROLLER.
+
     lines[i] was read at times[i] (time.monotonic()). Extra environment variables
     (or overrides, e.g. NODES) go in `env`; a value None removes the variable.
     """
@@ -372,7 +403,8 @@ class Controller:
         self.desired_state_file = Path(desired_state_file or self.work_dir / "desired_state.txt")
         self.api_port = api_port or free_port()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
-        self.script = Path(script or REPO_ROOT / "app_controller.py")
+        self.script = Path(script or os.environ.get("PULL_MODE_CONTROLLER")
+                           or REPO_ROOT / "app_controller.py")
         self.python = python or sys.executable
         self.echo = echo
         self.env = dict(os.environ)
