@@ -756,8 +756,9 @@ def state():
     desired, problems = parse_desired_state(read_desired_text())
     with status_lock:
         ticks = list(recent_ticks)
-    return jsonify(nodes=node_views(), containers=container_views(desired), ticks=ticks,
-                   loop=loop_timer.status(),
+    # "now": the page counts down to next_tick_at on the controller's clock, not its own.
+    return jsonify(now=time.time(), nodes=node_views(), containers=container_views(desired),
+                   ticks=ticks, loop=loop_timer.status(),
                    invalid_lines=[{"number": n, "line": line, "reason": r} for n, line, r in problems])
 
 

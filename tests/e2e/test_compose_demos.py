@@ -1,0 +1,329 @@
+"""End to end: the classroom stack on a real Docker engine, every demo of the seed verbatim.
+
+Each test types the README's commands (curl, docker exec/stop/start, docker compose) in a
+shell, then checks what runs inside each node container (/app/nodes/<node>_running.txt,
+read with `docker exec`) and what the controller printed. Timeouts are generous: these
+tests check behaviour, not speed; the durations they measure are printed at the end.
+"""
+import time
+
+import pytest
+import requests
+
+from compose_stack import PROJECT, record
+
+API = "http://127.0.0.1:8080"
+NODES = ["node-1", "node-2", "node-3"]
+CONVERGE_TIMEOUT = 60  # seconds: a few ticks of 5 s, plus SSH timeouts on a dead node
+TICK_VISIBLE_WITHIN = 10  # seconds after `docker compose up -d` (from the issue)
+NODE_STOP_LIMIT = 2.0  # seconds; the issue asks < 1 s: sshd as PID 1 exits on SIGTERM,
+CONTROLLER_STOP_LIMIT = 4.0  # < 2 s asked; the limits double it against a busy CI machine,
+#                              still far below the 10 s of a SIGKILL after an ignored SIGTERM.
+
+# The seed's demo commands, as a teacher types them.
+POST_NGINX = """curl -X POST http://localhost:8080/api/containers \\
+  -H "Content-Type: application/json" \\
+  -d '{"name": "nginx"}'"""
+LIST = "curl http://localhost:8080/api/containers"
+DELETE_NGINX = "curl -X DELETE http://localhost:8080/api/containers/nginx"
+INTRUDER = """docker exec pull-mode-node-1-1 sh -c "echo 'intruder' >> /app/nodes/node-1_running.txt\""""
+SIX_APPS = """for i in {1..6}; do
+  curl -X POST http://localhost:8080/api/containers \\
+    -H "Content-Type: application/json" \\
+    -d "{\\"name\\": \\"app$i\\"}";
+done"""
+STOP_NODE_1 = "docker stop pull-mode-node-1-1"
+START_NODE_1 = "docker start pull-mode-node-1-1"
+
+
+def wait_until(condition, what, timeout=CONVERGE_TIMEOUT, interval=0.25):
+    """Poll `condition` until it returns a true value; return (value, seconds waited)."""
+    started = time.monotonic()
+    last = None
+    while time.monotonic() - started < timeout:
+        try:
+            last = condition()
+        except (requests.RequestException, OSError) as error:  # the API restarting
+            last = error
+        else:
+            if last:
+                return last, time.monotonic() - started
+        time.sleep(interval)
+    raise AssertionError(f"after {timeout} s still not: {what} (last seen: {last!r})")
+
+
+def placement(stack):
+    """{node: [names it runs]} for the running nodes, read inside each node container."""
+    return {node: names for node in NODES if (names := stack.running(node)) is not None}
+
+
+def runs_exactly_once(stack, names):
+    """True when every name runs on exactly one node, once, and nothing else runs."""
+    everything = [name for names_on_node in placement(stack).values() for name in names_on_node]
+    return sorted(everything) == sorted(names)
+
+
+def api_names():
+    response = requests.get(f"{API}/api/containers", timeout=5)
+    response.raise_for_status()
+    return {container["name"]: container for container in response.json()}
+
+
+def new_log(stack, mark):
+    """What the controller printed after `mark` (a length of its log)."""
+    return stack.controller_log()[mark:]
+
+
+def log_shows(stack, mark, *lines):
+    """All `lines` appear in the controller's log after `mark`."""
+    log = new_log(stack, mark)
+    return all(line in log for line in lines)
+
+
+@pytest.fixture(scope="module")
+def stack(built_stack):
+    """The stack started with `docker compose up -d`; the tick log visible within 10 s."""
+    _, seconds = built_stack.timed("docker compose up -d")
+    record("docker compose up -d (nodes healthy, controller started)", seconds)
+    _, seconds = wait_until(lambda: "TICK" in built_stack.sh("docker compose logs controller").stdout,
+                            "a TICK in `docker compose logs controller`", timeout=60)
+    record("up -d returned -> first TICK in the logs", seconds)
+    assert seconds <= TICK_VISIBLE_WITHIN, f"first tick visible after {seconds:.1f} s"
+    wait_until(lambda: built_stack.health("controller") == "healthy",
+               "the controller's healthcheck passes", timeout=60)
+    return built_stack
+
+
+@pytest.fixture
+def clean(stack):
+    """Every node up, nothing declared, nothing running: the start of each demo."""
+    for node in NODES:
+        container = stack.container(node)
+        if container.status != "running":
+            container.start()
+    wait_until(lambda: all(stack.running(node) is not None for node in NODES), "all nodes up")
+    for name in api_names():
+        requests.delete(f"{API}/api/containers/{name}", timeout=5).raise_for_status()
+    wait_until(lambda: placement(stack) == {node: [] for node in NODES} and not api_names(),
+               "all nodes empty")
+    return stack
+
+
+# --- the stack itself -------------------------------------------------------------------
+
+def test_services_are_healthy_and_only_the_api_is_published_on_loopback(stack):
+    ps = stack.sh("docker compose ps --format '{{.Service}} {{.Status}}'").stdout
+    for service in ["controller", *NODES]:
+        assert f"{service} Up" in ps and "(healthy)" in ps.split(f"{service} Up")[1].splitlines()[0], ps
+    controller = stack.container("controller")
+    assert controller.attrs["HostConfig"]["PortBindings"] == {
+        "8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]}
+    for node in NODES:
+        container = stack.container(node)
+        assert not container.attrs["HostConfig"]["PortBindings"], f"{node} publishes a port"
+        assert container.attrs["Config"]["Hostname"] == node
+    assert requests.get(f"{API}/healthz", timeout=5).status_code == 200
+    page = requests.get(f"{API}/", timeout=5)  # the classroom page, served from the image
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+
+
+def test_nodes_run_sshd_as_pid_1_with_key_authentication_only(stack):
+    for node in NODES:
+        container = stack.container(node)
+        # PID 1 is sshd itself (not a shell around it), in the foreground, logging to stderr.
+        code, output = container.exec_run(["sh", "-c", "readlink /proc/1/exe; cat /proc/1/cmdline"])
+        assert code == 0 and output.startswith(b"/usr/sbin/sshd\n"), output
+        assert b"/usr/sbin/sshd -D -e" in output, output  # sshd rewrites its title, keeps the flags
+        code, output = container.exec_run(["/usr/sbin/sshd", "-T"])
+        config = output.decode()
+        assert code == 0, config
+        assert "passwordauthentication no" in config
+        assert "kbdinteractiveauthentication no" in config
+        assert "authorizedkeysfile /etc/ssh/pull-mode/authorized_keys" in config
+    # Host keys are made when each container starts, not baked into the image.
+    fingerprints = {stack.container(node).exec_run(
+        ["ssh-keygen", "-lf", "/etc/ssh/ssh_host_ed25519_key.pub"]).output for node in NODES}
+    assert len(fingerprints) == len(NODES)
+    image = stack.container("node-1").image.id
+    baked = stack.client.containers.run(image, entrypoint=["sh", "-c", "ls /etc/ssh"], remove=True)
+    assert b"ssh_host_" not in baked
+
+
+def test_controller_key_is_shared_read_only_with_the_nodes(stack):
+    controller = stack.container("controller")
+    code, output = controller.exec_run(["sh", "-c", "ls -l /keys; echo $SSH_KEY_FILE"])
+    assert code == 0 and b"id_ed25519" in output and b"authorized_keys" in output, output
+    for node in NODES:
+        code, output = stack.container(node).exec_run(
+            ["sh", "-c", "touch /etc/ssh/pull-mode/x"])
+        assert code != 0 and b"Read-only file system" in output, output
+
+
+# --- the demos, in the README's order ---------------------------------------------------
+
+def test_curl_demo_post_list_delete(clean):
+    stack = clean
+    result, _ = stack.timed(POST_NGINX)
+    posted = time.monotonic()
+    assert '"nginx"' in result.stdout, result.stdout
+    (where, seconds) = wait_until(
+        lambda: [node for node, names in placement(stack).items() if "nginx" in names],
+        "nginx runs on a node")
+    record("POST nginx -> nginx running on a node", time.monotonic() - posted)
+    assert len(where) == 1 and runs_exactly_once(stack, ["nginx"])
+    # The state is the desired_state.txt at the top of the stack's directory, on the host.
+    assert "nginx" in (stack.directory / "desired_state.txt").read_text()
+
+    # The API says "running" once a tick has observed it there (it may say "pending" before).
+    listing, _ = wait_until(lambda: (out := stack.sh(LIST).stdout) and '"running"' in out and out,
+                            "GET /api/containers shows nginx running")
+    record("POST nginx -> GET shows it running", time.monotonic() - posted)
+    assert '"nginx"' in listing and f'"{where[0]}"' in listing, listing
+
+    result = stack.sh(DELETE_NGINX)
+    deleted = time.monotonic()
+    assert result.stdout, "DELETE printed nothing"
+    wait_until(lambda: placement(stack) == {node: [] for node in NODES}, "nginx is stopped")
+    record("DELETE nginx -> nginx stopped", time.monotonic() - deleted)
+    assert stack.sh(LIST).stdout.strip() in ("[]", "[ ]")
+    assert "nginx" not in (stack.directory / "desired_state.txt").read_text()
+
+
+def test_intruder_demo(clean):
+    stack = clean
+    stack.sh(POST_NGINX)
+    wait_until(lambda: runs_exactly_once(stack, ["nginx"]), "nginx runs")
+    mark = len(stack.controller_log())
+
+    stack.sh(INTRUDER)
+    injected = time.monotonic()
+    wait_until(lambda: "intruder" not in stack.running("node-1"), "the intruder is stopped")
+    record("intruder written -> intruder stopped", time.monotonic() - injected)
+    wait_until(lambda: log_shows(stack, mark, "◼ STOP: intruder on node-1"),
+               "the log shows ◼ STOP: intruder on node-1", timeout=15)
+    assert runs_exactly_once(stack, ["nginx"]), placement(stack)
+
+
+def six_apps_then_node_1_stops(stack):
+    """The failure demo up to the reschedule; returns the log mark before the stop."""
+    stack.sh(SIX_APPS)
+    apps = [f"app{i}" for i in range(1, 7)]
+    wait_until(lambda: runs_exactly_once(stack, apps), "app1..app6 run")
+    # Round-robin from empty nodes, as in the seed.
+    assert placement(stack) == {"node-1": ["app1", "app4"], "node-2": ["app2", "app5"],
+                                "node-3": ["app3", "app6"]}
+
+    mark = len(stack.controller_log())
+    _, seconds = stack.timed(STOP_NODE_1)
+    stopped = time.monotonic()
+    record("docker stop pull-mode-node-1-1", seconds)
+    assert seconds < NODE_STOP_LIMIT, f"docker stop of a node took {seconds:.1f} s"
+
+    wait_until(lambda: ("app1" in (stack.running("node-2") or [])
+                        and "app4" in (stack.running("node-3") or [])),
+               "app1 runs on node-2 and app4 on node-3")
+    record("failover: node-1 stopped -> app1, app4 running elsewhere",
+           time.monotonic() - stopped)
+    return mark, apps
+
+
+def test_node_failure_demo(clean):
+    stack = clean
+    mark, apps = six_apps_then_node_1_stops(stack)
+    expected = ["⚠️  node-1: unavailable",
+                "💀 CLEANUP: app1 (node node-1 down)",
+                "💀 CLEANUP: app4 (node node-1 down)",
+                "📍 SCHEDULE: app1 → node-2",
+                "📍 SCHEDULE: app4 → node-3",
+                "▶ START: app1 on node-2",
+                "▶ START: app4 on node-3"]
+    wait_until(lambda: log_shows(stack, mark, *expected), f"the log shows {expected}", timeout=15)
+    log = new_log(stack, mark)
+    positions = [log.index(line) for line in expected[1:]]
+    assert positions == sorted(positions), "CLEANUP, SCHEDULE, START not in the seed's order"
+    assert placement(stack) == {"node-2": ["app2", "app5", "app1"],
+                                "node-3": ["app3", "app6", "app4"]}
+    # node-1's file still lists app1 and app4: the zombies of the next demo.
+    assert stack.host_running("node-1") == ["app1", "app4"]
+
+
+def test_returning_node_zombies_are_stopped(clean):
+    stack = clean
+    _, apps = six_apps_then_node_1_stops(stack)
+    mark = len(stack.controller_log())
+    stack.sh(START_NODE_1)
+    restarted = time.monotonic()
+    wait_until(lambda: stack.running("node-1") == [], "node-1's zombies app1, app4 are stopped")
+    record("zombies: node-1 started -> app1, app4 stopped there", time.monotonic() - restarted)
+    wait_until(lambda: log_shows(stack, mark, "◼ STOP: app1 on node-1", "◼ STOP: app4 on node-1"),
+               "the log shows the zombies' STOP lines", timeout=15)
+    assert runs_exactly_once(stack, apps), placement(stack)
+    assert "▶ START" not in new_log(stack, mark), "a container was started again"
+
+
+def test_controller_restart_keeps_state_and_starts_nothing_twice(clean):
+    stack = clean
+    stack.sh(SIX_APPS)
+    apps = [f"app{i}" for i in range(1, 7)]
+    wait_until(lambda: runs_exactly_once(stack, apps), "app1..app6 run")
+    wait_until(lambda: all(c["status"] == "running" for c in api_names().values()),
+               "the API reports every container running")
+    before = placement(stack)
+    declared = (stack.directory / "desired_state.txt").read_text()
+    mark = len(stack.controller_log())
+
+    _, seconds = stack.timed("docker compose restart controller")
+    restarted = time.monotonic()
+    record("docker compose restart controller", seconds)
+    wait_until(lambda: log_shows(stack, mark, "TICK", "Converged"), "a converged tick after restart")
+    record("controller restarted -> first converged tick", time.monotonic() - restarted)
+    time.sleep(6)  # one more tick at least: nothing happens in it either
+    assert "▶ START" not in new_log(stack, mark) and "◼ STOP" not in new_log(stack, mark)
+    assert placement(stack) == before
+    assert (stack.directory / "desired_state.txt").read_text() == declared
+    assert sorted(api_names()) == apps
+
+
+def test_controller_stops_in_under_two_seconds(clean):
+    stack = clean
+    _, seconds = stack.timed(f"docker stop {PROJECT}-controller-1")
+    record("docker stop pull-mode-controller-1", seconds)
+    stack.sh(f"docker start {PROJECT}-controller-1")
+    assert stack.container("controller").attrs["State"]["ExitCode"] in (0, 143)
+    assert seconds < CONTROLLER_STOP_LIMIT, f"docker stop of the controller took {seconds:.1f} s"
+    wait_until(lambda: requests.get(f"{API}/healthz", timeout=2).status_code == 200,
+               "the API answers again")
+
+
+def test_desired_state_survives_down_and_up(clean):
+    stack = clean
+    stack.sh(POST_NGINX)
+    wait_until(lambda: runs_exactly_once(stack, ["nginx"]), "nginx runs")
+    declared = (stack.directory / "desired_state.txt").read_text()
+    assert "nginx" in stack.sh("cat desired_state.txt").stdout
+
+    stack.sh("docker compose down")
+    assert (stack.directory / "desired_state.txt").read_text() == declared
+    stack.sh("docker compose up -d")
+    wait_until(lambda: "nginx" in api_names(), "nginx declared after up")
+    wait_until(lambda: runs_exactly_once(stack, ["nginx"]), "nginx runs once after up")
+    assert "▶ START" not in stack.controller_log(), "nginx was started again after up"
+
+
+def test_french_log_is_the_seeds_word_for_word(clean):
+    """LOG_LANG=fr: the node failure demo prints the seed's own lines (README.fr.md)."""
+    stack = clean
+    stack.sh("LOG_LANG=fr docker compose up -d")  # recreates the controller only
+    try:
+        wait_until(lambda: "✅ Convergé" in stack.controller_log(), "a French converged tick")
+        mark, _ = six_apps_then_node_1_stops(stack)
+        seed = ["⚠️  node-1: indisponible",
+                "💀 CLEANUP: app1 (node node-1 down)",
+                "💀 CLEANUP: app4 (node node-1 down)",
+                "📍 SCHEDULE: app1 → node-2",
+                "📍 SCHEDULE: app4 → node-3",
+                "▶ START: app1 sur node-2",
+                "▶ START: app4 sur node-3"]
+        wait_until(lambda: log_shows(stack, mark, *seed), f"the log shows {seed}", timeout=15)
+    finally:
+        stack.sh("docker compose up -d")  # back to the default language

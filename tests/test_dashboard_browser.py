@@ -1,0 +1,349 @@
+"""The classroom page (GET /) in a real browser: headless Chromium, the real controller, real sshd nodes.
+
+What a class sees is checked the way a class sees it: the page is driven by clicks and
+typing only, and read through the stable ids and data attributes of dashboard.html
+(data-node, data-up, data-diff, data-container, data-status, data-tick...). The nodes
+are three local `sshd` (tests/sshd_nodes.py); killing one is a real SIGKILL.
+
+Browser: Debian's `chromium` driven by Debian's `chromium-driver` through selenium, with
+explicit paths, so no tool ever downloads a browser. Missing browser, driver, selenium
+or sshd: the tests skip on a developer's machine and FAIL in CI (CI=true).
+
+Screenshots go to tests/artifacts/ (one per test, plus the interesting moments).
+UPDATE_SCREENSHOT=1 also writes docs/dashboard.png, the README's picture.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from sshd_nodes import SSHD, Controller, SshdCluster
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+except ImportError as error:
+    webdriver = None
+    SELENIUM_MISSING = f"selenium is not installed ({error}): pip install -r tests/requirements.txt"
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+README_SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
+
+TICK_SECONDS = 2  # long enough to see "pending" between the tick that starts and the one that observes
+SSH_TIMEOUT = 1.5
+WAIT = 20         # generous: assert behaviour, not speed
+VIEWPORT = {"width": 1280, "height": 800}  # a common projector resolution
+
+
+def unavailable(reason):
+    """A missing tool: a failure in CI (CI=true), a skip on a developer's machine."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def wait_until(predicate, timeout=WAIT, interval=0.05, message="condition"):
+    """Return the first truthy predicate() within `timeout` seconds, or fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the page redrew under us: ask again
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# What the page shows, read from its data attributes in one round trip.
+SNAPSHOT_JS = """
+const one = (selector) => document.querySelector(selector);
+const nodes = {};
+for (const card of document.querySelectorAll('#nodes .node')) {
+  const chips = {};
+  for (const chip of card.querySelectorAll('.chip')) chips[chip.querySelector('span').textContent] = chip.dataset.diff;
+  nodes[card.dataset.node] = {up: card.dataset.up === 'true', chips: chips,
+                              handshakes: +card.querySelector('[data-handshakes]').dataset.handshakes};
+}
+const containers = {};
+for (const row of document.querySelectorAll('#containers tr[data-container]'))
+  containers[row.dataset.container] = {status: row.dataset.status, node: row.dataset.node};
+const intruders = [...document.querySelectorAll('#containers tr[data-intruder]')].map(r => r.dataset.intruder);
+const ticks = [...document.querySelectorAll('#ticks [data-tick]')].map(t => ({
+  number: +t.dataset.tick, mode: t.dataset.mode, converged: t.dataset.converged === 'true',
+  steps: [...t.querySelectorAll('[data-step]')].map(s => +s.dataset.step)}));
+const loop = one('#loop').dataset;
+return {nodes, containers, intruders, ticks, paused: loop.paused === 'true', tick_count: +loop.tickCount,
+        countdown: one('#countdown').textContent,
+        error: one('#error').hidden ? null : one('#error-text').textContent};
+"""
+
+
+class Page:
+    """The dashboard in the browser: clicks, typing, and snapshots of what it shows."""
+
+    def __init__(self, driver, url):
+        self.driver = driver
+        self.url = url
+
+    def open(self):
+        self.driver.get(self.url)
+        wait_until(lambda: self.snapshot()["ticks"], message="the page to show a tick")
+        return self
+
+    def snapshot(self):
+        return self.driver.execute_script(SNAPSHOT_JS)
+
+    def wait_for(self, predicate, message, timeout=WAIT):
+        """Wait until predicate(snapshot) is true; return that snapshot."""
+        def check():
+            snapshot = self.snapshot()
+            return snapshot if predicate(snapshot) else None
+        return wait_until(check, timeout, message=message)
+
+    def add(self, name):
+        field = self.driver.find_element(By.ID, "add-name")
+        field.clear()
+        field.send_keys(name)
+        self.driver.find_element(By.ID, "add-button").click()
+
+    def click(self, css):
+        wait_until(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click() or True,
+                   message=f"a clickable {css}")
+
+    def screenshot(self, name):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"dashboard-{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+
+def status_of(name):
+    return lambda s: s["containers"].get(name, {}).get("status")
+
+
+# ----------------------------------------------------------------------------
+# Fixtures: one browser, three nodes and one controller for the module
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    """Headless Debian Chromium, with a throwaway profile and nothing phoning home."""
+    if webdriver is None:
+        unavailable(SELENIUM_MISSING)
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            unavailable(f"{path} not found: apt-get install -y {package}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except WebDriverException as error:
+        unavailable(f"chromium did not start: {error.msg}")
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {**VIEWPORT, "deviceScaleFactor": 1, "mobile": False})
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not (os.path.exists(SSHD) and shutil.which("ssh-keygen") and os.getuid() == 0):
+        unavailable("needs root and OpenSSH (apt-get install -y openssh-server)")
+    with SshdCluster(3, base_dir=tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def ctl(cluster, tmp_path_factory):
+    controller = Controller(cluster, tick_seconds=TICK_SECONDS, ssh_timeout=SSH_TIMEOUT,
+                            work_dir=tmp_path_factory.mktemp("controller"))
+    with controller:
+        yield controller
+    print(f"==== controller log ====\n{controller.log()}")
+    assert not any("Traceback" in line for line in controller.lines + controller.stderr_lines), \
+        "\n".join(controller.stderr_lines)
+
+
+@pytest.fixture
+def page(driver, ctl, request):
+    """The page, opened fresh; a screenshot of it at the end of every test, passed or failed.
+    A JavaScript error in the browser's console fails the test."""
+    driver.get_log("browser")  # forget what earlier tests logged
+    yield Page(driver, ctl.base_url + "/").open()
+    Page(driver, None).screenshot(request.node.name.removeprefix("test_"))
+    errors = [entry["message"] for entry in driver.get_log("browser") if entry["source"] == "javascript"]
+    assert not errors, errors
+
+
+def add_running(ctl, *names):
+    """Declare containers through the API and wait until they run; return {name: node}."""
+    for name in names:
+        assert ctl.post("/api/containers", {"name": name})[0] == 201
+    def all_running():
+        listing = {c["name"]: c for c in ctl.get("/api/containers")[1]}
+        return all(listing[n]["status"] == "running" for n in names) and {n: listing[n]["node"] for n in names}
+    return wait_until(all_running, message=f"{names} running")
+
+
+# ----------------------------------------------------------------------------
+# The tests, in the order of a lesson
+# ----------------------------------------------------------------------------
+
+def test_page_shows_the_nodes_the_loop_and_the_five_steps(page):
+    snapshot = page.wait_for(lambda s: all(n["up"] for n in s["nodes"].values()), "three nodes up")
+    assert sorted(snapshot["nodes"]) == ["node-1", "node-2", "node-3"]
+    assert all(n["handshakes"] >= 1 for n in snapshot["nodes"].values())
+    assert not snapshot["paused"]
+    assert snapshot["ticks"][0]["steps"] == [1, 2, 3, 4, 5]
+    page.wait_for(lambda s: s["countdown"].startswith("next tick in"), "a countdown to the next tick")
+
+
+def test_container_added_from_the_form_goes_pending_then_running(page, cluster):
+    page.add("web")
+    seen = []  # every status the page showed for web, in order
+    def running():
+        status = status_of("web")(page.snapshot())
+        if status and (not seen or seen[-1] != status):
+            seen.append(status)
+        return status == "running"
+    wait_until(running, message="web running on the page")
+    assert "pending" in seen and seen.index("pending") < seen.index("running"), seen
+    snapshot = page.snapshot()
+    node = snapshot["containers"]["web"]["node"]
+    assert snapshot["nodes"][node]["chips"] == {"web": "running"}
+    assert cluster[node].running == ["web"]
+    assert page.driver.find_element(By.ID, "add-name").get_attribute("value") == ""
+    assert snapshot["error"] is None
+
+
+@pytest.mark.parametrize("name, expected_status", [("Bad_Name!", 400), ("taken", 409)])
+def test_bad_input_shows_the_api_error_on_the_page(page, ctl, name, expected_status):
+    if expected_status == 409:
+        ctl.post("/api/containers", {"name": name})
+    status, body = ctl.post("/api/containers", {"name": name})  # what curl gets
+    assert status == expected_status
+    page.add(name)
+    exists = expected_status == 409
+    snapshot = page.wait_for(lambda s: s["error"] and (name in s["containers"]) == exists,
+                             "an error on the page")
+    assert body["error"] in snapshot["error"] and str(expected_status) in snapshot["error"]
+    page.screenshot(f"error-{expected_status}")
+
+
+def test_intruder_is_highlighted_then_stopped(page, cluster):
+    garbage = '<img src=x onerror="window.pwned=1">'
+    with open(cluster["node-1"].state_file, "a") as file:
+        file.write(f"intruder\n{garbage}\n")
+    snapshot = page.wait_for(lambda s: s["nodes"]["node-1"]["chips"].get("intruder") == "intruder",
+                             "the intruder flagged on node-1")
+    assert snapshot["nodes"]["node-1"]["chips"].get(garbage) == "intruder"  # shown as text
+    assert "intruder" in snapshot["intruders"]
+    page.screenshot("intruder")
+    page.wait_for(lambda s: not set(s["nodes"]["node-1"]["chips"]) & {"intruder", garbage},
+                  "the intruder gone from node-1")
+    assert "intruder" not in cluster["node-1"].running
+    assert page.driver.execute_script("return window.pwned") is None  # never run as HTML
+
+
+def test_dead_node_turns_down_and_its_containers_move(page, ctl, cluster):
+    placed = add_running(ctl, "api", "db", "cache")
+    victim = placed["api"]
+    moved = [name for name, node in placed.items() if node == victim]
+
+    cluster[victim].kill()  # like `docker stop`
+    page.wait_for(lambda s: not s["nodes"][victim]["up"], f"{victim} down")
+    snapshot = page.wait_for(
+        lambda s: all(s["containers"][n]["node"] != victim and s["containers"][n]["status"] == "running"
+                      for n in moved), f"{moved} running elsewhere")
+    assert all(snapshot["nodes"][victim]["chips"][n] == "stale" for n in moved)
+    page.screenshot("node-down")
+
+    # Back with its old file: what it still lists now runs elsewhere, a zombie to stop.
+    cluster[victim].start()
+    page.wait_for(lambda s: s["nodes"][victim]["up"] and "zombie" in s["nodes"][victim]["chips"].values(),
+                  f"zombies on {victim}")
+    page.screenshot("zombie")
+    page.wait_for(lambda s: s["nodes"][victim]["up"] and "zombie" not in s["nodes"][victim]["chips"].values(),
+                  f"the zombies on {victim} stopped")
+
+
+def test_delete_button_stops_the_container(page, ctl, cluster):
+    add_running(ctl, "doomed")
+    page.click('button[data-delete="doomed"]')
+    page.wait_for(lambda s: "doomed" not in s["containers"], "doomed gone from the containers")
+    wait_until(lambda: "doomed" not in cluster.placements(), message="doomed gone from every node")
+
+
+def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
+    page.click("#btn-pause")
+    # Paused, and the tick that may have been running has finished and is shown.
+    snapshot = page.wait_for(lambda s: s["paused"] and s["ticks"][0]["number"] == s["tick_count"],
+                             "the loop paused, its last tick shown")
+    count = snapshot["tick_count"]
+    assert snapshot["countdown"] == "timer off"
+
+    page.add("late")  # while paused, an API change does not tick either
+    time.sleep(2.5 * TICK_SECONDS)
+    snapshot = page.snapshot()
+    assert snapshot["tick_count"] == count == ctl.get("/api/loop")[1]["tick_count"]
+    assert snapshot["containers"]["late"]["status"] == "unscheduled"
+    page.screenshot("paused")
+
+    page.click("#btn-step")
+    snapshot = page.wait_for(lambda s: s["ticks"][0]["number"] == count + 1, "the stepped tick shown")
+    assert snapshot["ticks"][0]["mode"] == "step" and snapshot["paused"]
+    time.sleep(2.5 * TICK_SECONDS)
+    snapshot = page.snapshot()
+    assert snapshot["tick_count"] == count + 1 == ctl.get("/api/loop")[1]["tick_count"]
+    assert snapshot["containers"]["late"]["status"] == "pending"  # scheduled by the step, not yet observed
+    page.screenshot("stepped")
+
+
+def test_resume_restarts_the_timer(page, ctl):
+    ctl.post("/api/loop/pause")
+    page.wait_for(lambda s: s["paused"], "paused")
+    count = page.snapshot()["tick_count"]
+    page.click("#btn-resume")
+    page.wait_for(lambda s: not s["paused"] and s["countdown"].startswith(("next tick in", "ticking")),
+                  "running with a countdown")
+    page.wait_for(lambda s: s["tick_count"] >= count + 2, "two more ticks on the timer")
+    assert not ctl.get("/api/loop")[1]["paused"]
+
+
+def test_lively_screenshot_for_the_readme(driver, tmp_path):
+    """A state worth a picture: six containers, an intruder being stopped, node-2 just
+    died and its containers moving. Paused after one step, so the picture is exactly that tick."""
+    with SshdCluster(3, base_dir=tmp_path / "cluster") as cluster, \
+            Controller(cluster, tick_seconds=TICK_SECONDS, ssh_timeout=SSH_TIMEOUT, work_dir=tmp_path) as ctl:
+        add_running(ctl, "web", "api", "db", "cache", "queue", "auth")
+        ctl.post("/api/loop/pause")
+        wait_until(lambda: ctl.get("/api/state")[1]["ticks"][-1]["number"] == ctl.get("/api/loop")[1]["tick_count"],
+                   message="the last tick finished")
+        with open(cluster["node-1"].state_file, "a") as file:
+            file.write("intruder\n")
+        cluster["node-2"].kill()
+        page = Page(driver, ctl.base_url + "/").open()
+        count = page.snapshot()["tick_count"]
+        page.click("#btn-step")
+        page.wait_for(lambda s: s["ticks"][0]["number"] == count + 1 and not s["nodes"]["node-2"]["up"],
+                      "the step that sees node-2 down")
+        time.sleep(1)  # let the "since" durations read a round second
+        path = page.screenshot("lively")
+        if os.environ.get("UPDATE_SCREENSHOT") == "1":
+            README_SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copyfile(path, README_SCREENSHOT)
