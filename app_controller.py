@@ -14,6 +14,9 @@ One process, two threads:
 A "container" is simulated: node N runs the names listed, one per line, in its
 file NODE_STATE_DIR/N_running.txt. Starting appends a line; stopping removes it.
 
+Reading order: the file goes from the edges (configuration, the desired-state
+file, SSH) to the decisions, then the five steps and run_tick(), the loop itself.
+
 What this toy leaves out on purpose, and who does the job in Kubernetes:
   * real containers: the kubelet and a container runtime on every node;
   * a real database with watches: kube-apiserver in front of etcd;
