@@ -385,6 +385,40 @@ def test_delete_stops_container(cluster, ctl):
     assert ctl.delete("/api/containers/nginx")[0] == 404
 
 
+def test_a_failed_action_is_logged_and_retried_next_tick(tmp_path, ssh_keys, start_controller):
+    """node-1's `sed` fails (a real command failing on a real node): the tick says which
+    node failed and is not converged; once the node is fixed, the next tick converges."""
+    fake_bin = tmp_path / "fake-bin"
+    fake_bin.mkdir()
+    fake_sed = fake_bin / "sed"
+    fake_sed.write_text('#!/bin/sh\n'
+                        'case "$*" in *node-1_running.txt*) echo "sed: disk full" >&2; exit 4;; esac\n'
+                        'exec /bin/sed "$@"\n')
+    fake_sed.chmod(0o755)
+    # sshd keeps only its first SetEnv line: SHLVL=1 (skip root's ~/.bashrc) goes on it too.
+    broken = SshdCluster(3, base_dir=tmp_path / "cluster", keys_dir=ssh_keys, skip_bashrc=False,
+                         extra_config=f"SetEnv SHLVL=1 PATH={fake_bin}:/usr/bin:/bin\n").start()
+    try:
+        ctl = start_controller(cluster=broken)
+        mark = ctl.mark()
+        post(ctl, "nginx")  # the first container goes to node-1
+        ctl.wait_for_line(line("  ✗ node-1: actions failed (sed: disk full), retry next tick"),
+                          WAIT, after=mark)
+        ctl.wait_for_line(line("❌ Not converged: node-1: sed: disk full"), WAIT, after=mark)
+        assert "nginx" not in broken["node-1"].running
+        mark = ctl.mark()
+        ctl.wait_for_line(line("  ✗ node-1: actions failed (sed: disk full), retry next tick"),
+                          WAIT, after=mark)  # retried on the next tick
+
+        fake_sed.unlink()  # the node is repaired
+        mark = ctl.mark()
+        ctl.wait_for_line(line("  ▶ START: nginx on node-1"), WAIT, after=mark)
+        ctl.wait_for_line(line("✅ Converged"), WAIT, after=mark)
+        assert broken["node-1"].running == ["nginx"]
+    finally:
+        broken.close()
+
+
 def test_hung_node_does_not_block_the_others(cluster, ctl):
     """SIGSTOP node-3's sshd: ticks go on (about one SSH_TIMEOUT each, observed in
     parallel), a new container starts on a live node within one tick plus the timeout,
