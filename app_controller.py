@@ -322,7 +322,8 @@ def read_running_containers(node):
 def start_stop_command(node, to_start, to_stop):
     """One shell command that stops, then starts, containers on a node: one round trip."""
     for name in to_start:
-        assert is_valid_name(name), name  # never put an unchecked name in a shell
+        if not is_valid_name(name):  # never put an unchecked name in a shell
+            raise ValueError(f"refusing to start {name!r}: not a valid name")
     path = shlex.quote(running_file(node))
     # Stopping deletes the whole line, ^name$ (so stopping app1 keeps app10).
     # A line that is not a valid name is deleted by pattern: garbage never
