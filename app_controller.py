@@ -25,12 +25,15 @@ What this toy leaves out on purpose, and who does the job in Kubernetes:
     does not answer within SSH_TIMEOUT is down for that tick.
 """
 
+import errno
 import logging
+import math
 import os
 import re
 import shlex
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -47,30 +50,85 @@ from werkzeug.serving import make_server
 # ---------------------------------------------------------------------------
 # Configuration (environment variables; the defaults fit docker-compose.yml)
 # ---------------------------------------------------------------------------
+# A typo in a setting must not become a traceback in front of the class: each
+# setting is parsed here, a bad one is remembered with a sentence that names it,
+# and main() prints them all and exits with status 2 before anything starts.
+configuration_errors = []
+
+
+def setting(variable, default, parse):
+    """The environment variable parsed by parse(); on a bad value, note why and use the default."""
+    raw = os.environ.get(variable, default)
+    try:
+        return parse(raw)
+    except ValueError as error:
+        configuration_errors.append(f"{variable}={raw!r}: {error}")
+        return parse(default)
+
+
+def number(low=None, above=None):
+    """A parser of finite numbers, at least `low` or strictly above `above`."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least {low:g}")
+        if above is not None and value <= above:
+            raise ValueError(f"must be more than {above:g}")
+        return value
+    return parse
+
+
+def port(text):
+    """A TCP port number, 1 to 65535."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError("a port is a whole number from 1 to 65535")
+    return int(text)
+
 
 def parse_nodes(spec, default_port):
-    """'node-1,node-2=127.0.0.1:2202' -> {'node-1': ('node-1', 22), 'node-2': ('127.0.0.1', 2202)}"""
+    """'node-1,node-2=127.0.0.1:2202' -> {'node-1': ('node-1', 22), 'node-2': ('127.0.0.1', 2202)}
+
+    An IPv6 address goes in brackets: 'node-1=[::1]:2202'."""
     nodes = {}
     for entry in spec.split(","):
-        name, _, address = entry.strip().partition("=")
-        host, _, port = (address or name).partition(":")
-        nodes[name] = (host, int(port or default_port))
+        name, _, address = (part.strip() for part in entry.partition("="))
+        if not name:
+            raise ValueError("an empty entry (two commas, or one at an end?)")
+        if not is_valid_name(name):
+            raise ValueError(f"{name!r} is not a valid node name (lowercase letters, "
+                             "digits and '-')")
+        if name in nodes:
+            raise ValueError(f"{name!r} is listed twice")
+        address = address or name
+        bracketed = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", address)
+        if bracketed:
+            host, port_text = bracketed.group(1), bracketed.group(2)
+        elif address.count(":") > 1:
+            raise ValueError(f"{address!r}: put an IPv6 address in brackets, like [::1]:22")
+        else:
+            host, _, port_text = address.partition(":")
+        host, port_text = host.strip(), port_text and port_text.strip()
+        if not host:
+            raise ValueError(f"{name!r} has no host")
+        try:
+            nodes[name] = (host, port(port_text) if port_text is not None and port_text != ""
+                           else default_port)
+        except ValueError as error:
+            raise ValueError(f"{name!r}: {error}") from None
     return nodes
 
 
-SSH_PORT = int(os.environ.get("SSH_PORT", "22"))
-NODES = parse_nodes(os.environ.get("NODES", "node-1,node-2,node-3"), SSH_PORT)
-SSH_USER = os.environ.get("SSH_USER", "root")
-SSH_KEY_FILE = os.environ.get("SSH_KEY_FILE") or None  # None: paramiko looks in ~/.ssh
-# One slow node must not freeze the lesson: past this many seconds it is down.
-SSH_TIMEOUT = float(os.environ.get("SSH_TIMEOUT", "3"))
-NODE_STATE_DIR = os.environ.get("NODE_STATE_DIR", "/app/nodes")
-DESIRED_STATE_FILE = os.environ.get("DESIRED_STATE_FILE", "desired_state.txt")
-# Slow enough to read each tick on a projector, fast enough to see healing.
-TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "5"))
-API_HOST = os.environ.get("API_HOST", "0.0.0.0")
-API_PORT = int(os.environ.get("API_PORT", "8080"))
-LOG_LANG = os.environ.get("LOG_LANG", "en")
+def language(text):
+    """A language of the tick log: en or fr."""
+    if text not in ("en", "fr"):
+        raise ValueError("the log speaks en or fr")
+    return text
+
 
 # A container name is a DNS-1123 label, as for Kubernetes objects: lowercase
 # letters, digits and '-', alphanumeric at both ends, at most 63 characters.
@@ -80,6 +138,31 @@ NAME_PATTERN = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 
 def is_valid_name(name):
     return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
+
+
+SSH_PORT = setting("SSH_PORT", "22", port)
+NODES = setting("NODES", "node-1,node-2,node-3", lambda spec: parse_nodes(spec, SSH_PORT))
+SSH_USER = os.environ.get("SSH_USER", "root")
+SSH_KEY_FILE = os.environ.get("SSH_KEY_FILE") or None  # None: paramiko looks in ~/.ssh
+# One slow node must not freeze the lesson: past this many seconds it is down.
+SSH_TIMEOUT = setting("SSH_TIMEOUT", "3", number(above=0))
+NODE_STATE_DIR = os.environ.get("NODE_STATE_DIR", "/app/nodes")
+DESIRED_STATE_FILE = os.environ.get("DESIRED_STATE_FILE", "desired_state.txt")
+# Slow enough to read each tick on a projector, fast enough to see healing.
+# (Not below 0.1 s: a loop that never sleeps would only heat the laptop.)
+TICK_SECONDS = setting("TICK_SECONDS", "5", number(low=0.1))
+API_HOST = os.environ.get("API_HOST", "0.0.0.0")
+API_PORT = setting("API_PORT", "8080", port)
+LOG_LANG = setting("LOG_LANG", "en", language)
+
+# A node's file may hold anything a student wrote into it. We read at most this
+# much of it: enough for any real list of containers, and a 10 MB prank costs
+# the controller one megabyte, not ten. Whatever lies past it is not wanted
+# anyway, and the next action on that node removes it.
+MAX_READ_BYTES = 1024 * 1024
+# A long list (200,000 intruders) is cut in the log and in the API after this
+# many names: "… and 199,990 more".
+LIST_LIMIT = 20
 
 
 # ---------------------------------------------------------------------------
@@ -93,19 +176,32 @@ def is_valid_name(name):
 desired_lock = threading.Lock()
 
 
-def parse_line(line):
-    """'app1' -> ('app1', None), 'app1:node-2' -> ('app1', 'node-2'), blank or comment -> None.
+BYTE_ORDER_MARK = "\ufeff"  # what Notepad may put at the start of a UTF-8 file
 
-    Raises ValueError with the reason when the line is not valid."""
+
+def parse_line(line):
+    """'app1' -> ('app1', None), 'app1 : node-2' -> ('app1', 'node-2'), blank or comment -> None.
+
+    Raises ValueError with the reason when the line is not valid. Spaces around
+    the colon are fine: a teacher typing "nginx : node-1" means nginx on node-1."""
     code = line.partition("#")[0].strip()
     if not code:
         return None
-    name, colon, node = code.partition(":")
+    name, colon, node = (part.strip() for part in code.partition(":"))
     if not is_valid_name(name):
         raise ValueError("not a valid name")
     if colon and not is_valid_name(node):
         raise ValueError("not a valid node name")
     return name, (node if colon else None)
+
+
+def split_lines(text):
+    """The file's lines without their endings, whether they end in LF or CRLF (Windows)."""
+    text = text.removeprefix(BYTE_ORDER_MARK)
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text ended with a newline: no line after it
+    return [line.removesuffix("\r") for line in lines]
 
 
 def parse_desired_state(text):
@@ -114,7 +210,7 @@ def parse_desired_state(text):
     A problem is (line number, line, reason): bad lines are reported and
     skipped, never fatal, because a hand edit must not stop the loop."""
     desired, problems = {}, []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         try:
             entry = parse_line(line)
         except ValueError as error:
@@ -138,9 +234,11 @@ def render_desired_state(text, desired):
     """Rewrite the file's text so that it declares `desired`, changing only the lines that must.
 
     Comments, blank lines and invalid lines stay as they are; a container no
-    longer desired loses its line(s); a new one gets a line at the end."""
+    longer desired loses its line(s); a new one gets a line at the end. The
+    file keeps its own line endings (CRLF if it was saved on Windows) and its
+    byte order mark, if it had one."""
     lines, seen = [], set()
-    for line in text.splitlines():
+    for line in split_lines(text):
         try:
             entry = parse_line(line)
         except ValueError:
@@ -158,12 +256,15 @@ def render_desired_state(text, desired):
             lines.append(format_entry(name, desired[name]) + (f"  #{comment}" if comment else ""))
         seen.add(name)
     lines += [format_entry(name, node) for name, node in desired.items() if name not in seen]
-    return "".join(line + "\n" for line in lines)
+    newline = "\r\n" if "\r\n" in text else "\n"
+    bom = BYTE_ORDER_MARK if text.startswith(BYTE_ORDER_MARK) else ""
+    return bom + "".join(line + newline for line in lines)
 
 
 def read_desired_text():
+    """The text of desired_state.txt, line endings untouched ("" when there is no file)."""
     try:
-        with open(DESIRED_STATE_FILE, encoding="utf-8", errors="replace") as file:
+        with open(DESIRED_STATE_FILE, encoding="utf-8", errors="replace", newline="") as file:
             return file.read()
     except FileNotFoundError:
         return ""
@@ -172,15 +273,27 @@ def read_desired_text():
 def write_atomically(path, text):
     """Write to a temp file in the same directory, fsync, then rename over the file.
 
-    A reader (or a crash) sees the old file or the new one, never half of one."""
+    A reader (or a crash) sees the old file or the new one, never half of one.
+    The new file keeps the old one's owner and mode: the controller often runs
+    as root (in its container), and the teacher who owns the file must still
+    be able to edit it by hand afterwards."""
     directory = os.path.dirname(os.path.abspath(path))
+    try:
+        owner = os.stat(path)
+    except FileNotFoundError:
+        owner = os.stat(directory)  # a new file belongs to whoever owns the directory
     fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".desired_state.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temp_path, 0o644)
+        os.chmod(temp_path, 0o644 if stat.S_ISDIR(owner.st_mode) else stat.S_IMODE(owner.st_mode))
+        if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(temp_path, owner.st_uid, owner.st_gid)
+            except PermissionError:
+                pass  # not root: the file becomes ours, which we can still edit
         os.replace(temp_path, path)
     except BaseException:
         os.unlink(temp_path)
@@ -210,14 +323,19 @@ handshakes = {node: 0 for node in NODES}  # shown by GET /api/nodes: reuse is vi
 
 
 class NodeError(Exception):
-    """A command ran on a node but failed there."""
+    """The node answered, but the command failed there: the node is NotReady."""
 
 
 class ShuttingDown(Exception):
     """The process is stopping: its closed connections say nothing about the nodes."""
 
 
+class GaveUp(Exception):
+    """The tick stopped waiting for this node; its late work must change nothing."""
+
+
 def open_connection(node):
+    """A new SSH connection to the node, with a deadline on every stage of the handshake."""
     host, port = NODES[node]
     client = paramiko.SSHClient()
     # The nodes make their host keys when they start, so we cannot know them in
@@ -233,110 +351,149 @@ def open_connection(node):
     except BaseException:
         client.close()
         raise
-    # A tick sends a node small commands in a row (observe, then act). With
-    # Nagle's algorithm on, each one waits for the node's delayed ACK: +40 ms.
+    # Speed (see the benchmark in docs/): a tick sends a node small commands in
+    # a row, and with Nagle's algorithm each one waits for a delayed ACK, +40 ms.
     client.get_transport().sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     handshakes[node] += 1
     return client
 
 
-def get_connection(node):
+def get_connection(node, gave_up):
+    """The node's open connection, or a new one if it has none that works.
+
+    Only a worker its tick still waits for may install a new connection: a
+    late one (its tick gave up on it, and the next tick may already have
+    opened a fresh connection) closes its own and changes nothing."""
     with connections_lock:
         client = connections.get(node)
     transport = client and client.get_transport()
     if transport and transport.is_active():
         return client
-    client = open_connection(node)
+    new_client = open_connection(node)
     with connections_lock:
-        old, connections[node] = connections.get(node), client
+        late = gave_up.is_set()
+        if not late:
+            old, connections[node] = connections.get(node), new_client
+    if late:
+        new_client.close()
+        raise GaveUp()
     if old:
         old.close()
-    return client
+    return new_client
 
 
-def close_connection(node):
+def close_connection(node, client=None):
+    """Close the node's connection (only if it is still `client`, when given)."""
     with connections_lock:
+        if client is not None and connections.get(node) is not client:
+            return  # a newer connection took its place: not ours to close
         client = connections.pop(node, None)
     if client:
         client.close()
 
 
-def run_on_node(node, command):
-    """Run a shell command on a node over its open connection; return its output."""
-    client = get_connection(node)
+def run_on_node(node, command, gave_up):
+    """Run a shell command on a node over its open connection; return its output (bytes)."""
+    client = get_connection(node, gave_up)
+    if gave_up.is_set():
+        raise GaveUp()  # too late: the tick has moved on without this node
     try:
         _, stdout, stderr = client.exec_command(command, timeout=SSH_TIMEOUT)
         # Read the output *before* waiting for the exit status: a command whose
         # output fills the SSH window waits for a reader, and we would wait forever.
-        output = stdout.read().decode("utf-8", errors="replace")
-        errors = stderr.read().decode("utf-8", errors="replace")
+        output = stdout.read()
+        errors = stderr.read(4096).decode("utf-8", errors="replace")
         if not stdout.channel.status_event.wait(SSH_TIMEOUT):
             raise TimeoutError("no exit status")
     except Exception:
-        close_connection(node)  # broken or hung: open a new one next time
+        close_connection(node, client)  # broken or hung: open a new one next time
         raise
     if stdout.channel.exit_status != 0:
-        raise NodeError(errors.strip() or f"exit status {stdout.channel.exit_status}")
+        first_line = (errors.strip().splitlines() or [""])[0][:200]
+        raise NodeError(first_line or f"exit status {stdout.channel.exit_status}")
     return output
 
 
-def on_every_node(action, nodes):
-    """Run action(node) for all nodes at once; return {node: result or the exception}.
+def on_every_node(commands):
+    """Run {node: shell command} on all those nodes at once; return {node: output or the exception}.
 
     One thread per node, so a hung node costs one SSH_TIMEOUT per tick, not
     one per node. Daemon threads: a node still hanging never blocks shutdown."""
     results = {}
+    gave_up = threading.Event()
 
     def work(node):
         try:
-            results[node] = action(node)
+            results[node] = run_on_node(node, commands[node], gave_up)
         except Exception as error:
             results[node] = error
 
-    threads = [threading.Thread(target=work, args=(node,), daemon=True) for node in nodes]
+    threads = [threading.Thread(target=work, args=(node,), daemon=True) for node in commands]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + SSH_TIMEOUT + 1
     for thread in threads:
         thread.join(max(0, deadline - time.monotonic()))
+    gave_up.set()  # from now on, a late worker changes nothing
     if shutting_down.is_set():
         raise ShuttingDown()  # so no tick acts on nodes that only *look* down
-    for node in nodes:
+    for node in commands:
         if node not in results:
             close_connection(node)
-            results[node] = TimeoutError(f"no answer within {SSH_TIMEOUT:g}s")
-    return {node: results[node] for node in nodes}
+            results[node] = TimeoutError()
+    return {node: results[node] for node in commands}
 
 
 def running_file(node):
     return f"{NODE_STATE_DIR}/{node}_running.txt"
 
 
-def read_running_containers(node):
-    """What a node runs: the lines of its file (a missing file means nothing)."""
-    path = shlex.quote(running_file(node))
-    output = run_on_node(node, f"test ! -e {path} || cat {path}")
-    return [line for line in output.split("\n") if line]
+def observe_command(node):
+    """The shell command that reads a node's file, once it checked that the node can work.
+
+    A node that answers but could not run containers (no sed, its file turned
+    into a directory) fails here with a reason: it is NotReady, not down."""
+    return (f"f={shlex.quote(running_file(node))}; "
+            "command -v sed >/dev/null || { echo 'sed: not found' >&2; exit 1; }; "
+            "[ ! -e \"$f\" ] || [ -f \"$f\" ] || { echo \"$f: not a regular file\" >&2; exit 1; }; "
+            f"[ ! -e \"$f\" ] || head -c {MAX_READ_BYTES + 1} \"$f\"")
 
 
-def start_stop_command(node, to_start, to_stop):
-    """One shell command that stops, then starts, containers on a node: one round trip."""
-    for name in to_start:
+def parse_running_file(output):
+    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES). Returns (names, cut)."""
+    cut = len(output) > MAX_READ_BYTES
+    if cut:
+        output = output[:MAX_READ_BYTES].rpartition(b"\n")[0]  # drop the partial last line
+    text = output.decode("utf-8", errors="replace")
+    return [line for line in text.split("\n") if line], cut
+
+
+def act_command(node, keep, to_start):
+    """One shell command that makes a node run `keep` + `to_start`: one round trip.
+
+    The file keeps only the lines of `keep` (sed deletes every other line:
+    intruders, zombies, garbage, however many), then `to_start` is appended.
+    A list of what to keep, not of what to delete: a flood of 200,000
+    intruders costs one sed expression, and garbage never reaches the shell.
+    Plain POSIX commands, so a BusyBox node (Alpine) works as well as Debian."""
+    for name in [*keep, *to_start]:
         if not is_valid_name(name):  # never put an unchecked name in a shell
-            raise ValueError(f"refusing to start {name!r}: not a valid name")
-    path = shlex.quote(running_file(node))
-    # Stopping deletes the whole line, ^name$ (so stopping app1 keeps app10).
-    # A line that is not a valid name is deleted by pattern: garbage never
-    # reaches the shell, not even quoted.
-    sed_program = [f"/^{name}$/d" for name in to_stop if is_valid_name(name)]
-    if any(not is_valid_name(name) for name in to_stop):
-        sed_program.append(f"/^{NAME_PATTERN}$/!d")
-    sed_program.append("$a\\")  # end the last line with a newline, so appends start a new one
-    sed = " ".join(f"-e {shlex.quote(expression)}" for expression in sed_program)
-    command = f"mkdir -p {shlex.quote(NODE_STATE_DIR)} && touch {path} && sed -i -E {sed} {path}"
+            raise ValueError(f"refusing {name!r}: not a valid name")
+    # A whole line, ^(app1|app4)$, so keeping app1 does not keep app10.
+    sed_program = "/^(" + "|".join(keep) + ")$/!d" if keep else "d"
+    steps = [
+        f"d={shlex.quote(NODE_STATE_DIR)}; f={shlex.quote(running_file(node))}; mkdir -p \"$d\"",
+        # A missing file is created owned like its directory, so the teacher
+        # who owns nodes/ on the host can still edit it by hand.
+        '{ [ -e "$f" ] || { : > "$f" && { chown "$(stat -c %u:%g "$d")" "$f" 2>/dev/null || true; }; }; }',
+        # sed -i writes a new file and renames it: atomic, and it keeps the owner.
+        f"sed -i -E -e {shlex.quote(sed_program)} \"$f\"",
+    ]
     if to_start:
-        command += f" && printf '%s\\n' {' '.join(shlex.quote(name) for name in to_start)} >> {path}"
-    return command
+        # If the last line has no newline, add one: what we append starts a new line.
+        steps.append('{ [ -z "$(tail -c 1 "$f")" ] || echo >> "$f"; }')
+        steps.append(f"printf '%s\\n' {' '.join(map(shlex.quote, to_start))} >> \"$f\"")
+    return " && ".join(steps)
 
 
 # ---------------------------------------------------------------------------
@@ -375,64 +532,115 @@ def schedule(desired, live_nodes):
 
 
 def diff_node(running, wanted):
-    """What to stop and start so that a node running `running` runs `wanted`, each once.
+    """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
 
-    Returns (to_start, to_stop). Anything running but not wanted is stopped:
-    an intruder, or a zombie left by a node that was down while its containers
-    moved. A wanted container listed twice is stopped and started once again."""
+    Returns (to_start, to_stop, to_keep). Anything running but not wanted is
+    stopped: an intruder, or a zombie left by a node that was down while its
+    containers moved. A wanted container listed twice is stopped and started
+    once again."""
     listed = Counter(running)  # name -> how many lines; a dict, so lookups stay fast
     wanted_set = set(wanted)
     twice = {name for name in wanted if listed[name] > 1}
     to_stop = [name for name in listed if name not in wanted_set or name in twice]
     to_start = [name for name in wanted if name not in listed or name in twice]
-    return to_start, to_stop
+    to_keep = [name for name in wanted if listed[name] == 1]
+    return to_start, to_stop, to_keep
 
 
-def plan_reconcile(observed, desired, live_nodes):
-    """The diff for every live node: {node: (to_start, to_stop)}, only nodes with work."""
-    wanted = {node: [] for node in live_nodes}
+def plan_reconcile(observed, desired):
+    """The diff for every observed node: {node: (to_start, to_stop, to_keep)}, only nodes with work."""
+    wanted = {node: [] for node in observed}
     for name, node in desired.items():
         if node in wanted:
             wanted[node].append(name)
     plan = {}
-    for node in live_nodes:
-        to_start, to_stop = diff_node(observed[node], wanted[node])
+    for node in observed:
+        to_start, to_stop, to_keep = diff_node(observed[node], wanted[node])
         if to_start or to_stop:
-            plan[node] = (to_start, to_stop)
+            plan[node] = (to_start, to_stop, to_keep)
     return plan
+
+
+def node_conditions(answers, failed_actions):
+    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
+
+    Ready: it answered and works. NotReady: it answered, but fails (its command
+    failed, or its last actions did). Unknown: it did not answer at all, and
+    from here we cannot tell a crashed node from a cut cable."""
+    conditions = {}
+    for node, answer in answers.items():
+        if isinstance(answer, NodeError):
+            conditions[node] = ("NotReady", describe(answer))
+        elif isinstance(answer, Exception):
+            conditions[node] = ("Unknown", describe(answer))
+        elif node in failed_actions:
+            conditions[node] = ("NotReady", message("reason_actions_failed",
+                                                    error=failed_actions[node]))
+        else:
+            conditions[node] = ("Ready", None)
+    return conditions
 
 
 # ---------------------------------------------------------------------------
 # The five steps
 # ---------------------------------------------------------------------------
+# Why each node's last actions failed, when the node answered but its command
+# failed there: next tick that node is NotReady, until an action works again.
+failed_actions = {}
+
 
 def get_current_state():
-    """Step 1, observe: ask every node what it runs. Returns (observed, live_nodes).
+    """Step 1, observe: ask every node what it runs. Returns (observed, live_nodes, conditions).
 
-    A node that does not answer is down for this tick: a fact to log, not an error."""
-    results = on_every_node(read_running_containers, list(NODES))
-    observed = {node: result for node, result in results.items() if not isinstance(result, Exception)}
-    live_nodes = [node for node in NODES if node in observed]
-    for node, result in results.items():
-        if isinstance(result, Exception):
+    A node that does not answer is Unknown, one that answers but fails is
+    NotReady: facts to log, not errors. Only Ready nodes are live."""
+    answers = on_every_node({node: observe_command(node) for node in NODES})
+    conditions = node_conditions(answers, failed_actions)
+    observed, cut = {}, set()
+    for node, answer in answers.items():
+        if not isinstance(answer, Exception):
+            observed[node], was_cut = parse_running_file(answer)
+            if was_cut:
+                cut.add(node)
+    live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
+    for node in NODES:
+        condition, reason = conditions[node]
+        if condition == "Unknown":
             say("node_down", node=node)
-        elif result:
-            say("node_up", node=node, containers=", ".join(map(shown, result)))
+        elif condition == "NotReady":
+            say("node_not_ready", node=node, reason=reason)
+        elif observed[node]:
+            say("node_up", node=node, containers=listing(observed[node], cut=node in cut))
         else:
             say("node_empty", node=node)
-    say("running_count", count=sum(map(len, observed.values())), nodes=len(live_nodes))
-    remember_observation(results)
-    return observed, live_nodes
+    say("running_count", containers=count_of(sum(len(observed[node]) for node in live_nodes),
+                                             "container"),
+        nodes=count_of(len(live_nodes), "node"))
+    remember_observation(observed, conditions)
+    return observed, live_nodes, conditions
 
 
 def get_desired_state():
     """Step 2: read desired_state.txt. Bad lines are logged and skipped."""
     desired, problems = parse_desired_state(read_desired_text())
-    for number, line, reason in problems:
+    for number, line, reason in problems[:LIST_LIMIT]:
         say("bad_line", file=os.path.basename(DESIRED_STATE_FILE), number=number,
-            line=line, reason=reason)
-    say("declared_count", count=len(desired))
+            line=cut_text(line), reason=reason)
+    if len(problems) > LIST_LIMIT:
+        say("bad_lines_more", more=count_of(len(problems) - LIST_LIMIT, "number"))
+    say("declared_count", containers=count_of(len(desired), "container"))
     return desired
+
+
+def explain_cleanup(orphans, conditions):
+    """Log why each container lost its node: down, not ready, or not a node at all."""
+    for name, node in orphans:
+        if node not in NODES:
+            say("cleanup_unknown_node", action="cleanup", name=name, node=node)
+        elif conditions[node][0] == "NotReady":
+            say("cleanup_not_ready", action="cleanup", name=name, node=node)
+        else:
+            say("cleanup", action="cleanup", name=name, node=node)
 
 
 def save_assignments(declared, desired):
@@ -449,51 +657,64 @@ def save_assignments(declared, desired):
         return dict(current)
 
 
-def reconcile(observed, desired, live_nodes):
-    """Step 5: diff observed against desired on every live node, then start/stop.
+def reconcile(observed, desired):
+    """Step 5: diff observed against desired on every node that answered, then start/stop.
 
     All of a node's actions go in one SSH command; nodes act in parallel.
-    Returns {node: error} for the nodes whose actions failed (retried next tick)."""
-    plan = plan_reconcile(observed, desired, live_nodes)
-    commands = {node: start_stop_command(node, *plan[node]) for node in plan}
-    results = on_every_node(lambda node: run_on_node(node, commands[node]), list(plan))
+    Returns {node: error} for the nodes whose actions failed (retried next tick).
+    A NotReady node is acted on too: its containers were moved away, so what
+    still runs there is stopped, and a node that works again proves it here."""
+    plan = plan_reconcile(observed, desired)
+    for node in failed_actions:
+        if node in observed and node not in plan:
+            plan[node] = ([], [], [])  # nothing to do, but try: does it work again?
+    commands = {node: act_command(node, to_keep, to_start)
+                for node, (to_start, _, to_keep) in plan.items()}
+    results = on_every_node(commands)
     failures = {node: result for node, result in results.items() if isinstance(result, Exception)}
-    for node, (to_start, to_stop) in plan.items():
-        for name in to_stop:
-            say("stop", name=shown(name), node=node, ok=node not in failures)
+    for node, result in results.items():
+        if isinstance(result, NodeError):
+            failed_actions[node] = describe(result)
+        elif node not in failures:
+            failed_actions.pop(node, None)
+    for node, (to_start, to_stop, _) in plan.items():
+        ok = node not in failures
+        for name in to_stop[:LIST_LIMIT]:
+            say("stop", action="stop", ok=ok, name=shown(name), node=node)
+        if len(to_stop) > LIST_LIMIT:
+            say("stop_more", more=count_of(len(to_stop) - LIST_LIMIT, "number"), node=node)
         for name in to_start:
-            say("start", name=name, node=node, ok=node not in failures)
-        if node in failures:
+            say("start", action="start", ok=ok, name=name, node=node)
+        if not ok:
             say("actions_failed", node=node, error=describe(failures[node]))
     return failures
 
 
-def run_tick(mode):
+def run_tick(trigger):
     """One pass of the control loop: the five steps of the lesson."""
-    begin_tick(mode)
+    begin_tick(trigger)
 
     say("step_1")  # OBSERVE what really runs (the kubelets report it)
-    observed, live_nodes = get_current_state()
+    observed, live_nodes, conditions = get_current_state()
 
     say("step_2")  # READ what the users declared (the API server's objects)
     declared = get_desired_state()
 
     say("step_3")  # CLEANUP dead nodes (the node lifecycle controller)
     desired, orphans = cleanup_dead_nodes(declared, live_nodes)
-    for name, node in orphans:
-        say("cleanup", name=name, node=node)
+    explain_cleanup(orphans, conditions)
 
     say("step_4")  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, live_nodes)
     for name, node in placements:
-        say("schedule", name=name, node=node)
+        say("schedule", action="schedule", name=name, node=node)
     unscheduled = [name for name, node in desired.items() if node is None]
     for name in unscheduled:
         say("unschedulable", name=name)
     desired = save_assignments(declared, desired)  # steps 3 and 4 go into the file
 
     say("step_5")  # RECONCILE: diff, then act (every controller's sync)
-    failures = reconcile(observed, desired, live_nodes)
+    failures = reconcile(observed, desired)
 
     end_tick(failures, unscheduled)
 
@@ -540,9 +761,12 @@ class LoopTimer:
             self.condition.notify_all()
 
     def wait_for_next_tick(self):
-        """Sleep until the next tick is due; return why it runs ('timer', 'wake', 'step'), or None at shutdown."""
+        """Sleep until the next tick is due; return why it runs ('timer', 'wake', 'step'), or None at shutdown.
+
+        The timer runs on time.monotonic(), which only goes forward: if the
+        laptop's clock is set back an hour, the loop still ticks on time."""
         with self.condition:
-            deadline = time.time() + TICK_SECONDS
+            deadline = time.monotonic() + TICK_SECONDS
             was_paused = False
             while not shutting_down.is_set():
                 if self.paused:
@@ -558,13 +782,14 @@ class LoopTimer:
                 if was_paused:
                     say("resumed")
                     was_paused = False
-                self.next_tick_at = deadline
+                # For the page: when the next tick runs, on the wall clock.
+                self.next_tick_at = time.time() + deadline - time.monotonic()
                 if self.woken:
                     self.woken = False
                     return "wake"
-                if time.time() >= deadline:
+                if time.monotonic() >= deadline:
                     return "timer"
-                self.condition.wait(deadline - time.time())
+                self.condition.wait(deadline - time.monotonic())
             return None
 
     def status(self):
@@ -579,17 +804,16 @@ shutting_down = threading.Event()
 
 def control_loop():
     """The control loop: tick, wait, tick again, until the process is stopped."""
-    mode = "start"
+    trigger = "start"
     while True:
         try:
-            run_tick(mode)
+            run_tick(trigger)
         except ShuttingDown:
             return
         except Exception as error:  # nothing short of a shutdown ends the loop
-            say("tick_failed", error=describe(error))
-            end_tick({}, [], failed=error)
-        mode = loop_timer.wait_for_next_tick()
-        if mode is None:  # shutting down
+            fail_tick(error)
+        trigger = loop_timer.wait_for_next_tick()
+        if trigger is None:  # shutting down
             return
 
 
@@ -598,60 +822,87 @@ def control_loop():
 # ---------------------------------------------------------------------------
 # Written by the loop, read by the API thread, guarded by one lock.
 status_lock = threading.Lock()
-node_status = {node: {"up": False, "containers": [], "last_seen": None, "since": None, "error": None}
-               for node in NODES}
+
+
+def unobserved_node():
+    return {"condition": "Unknown", "reason": None, "up": False, "containers": [],
+            "container_count": 0, "last_seen": None, "since": None, "error": None}
+
+
+node_status = {node: unobserved_node() for node in NODES}
+running_names = {node: set() for node in NODES}  # what each node ran when last seen, in full
 recent_ticks = deque(maxlen=20)
 tick_count = 0
-last_tick_finished = time.time()
+failed_ticks_in_a_row = 0
+last_tick_finished = time.monotonic()
 current_tick = None  # the tick being logged; only the loop thread touches it
+MAX_LINES_KEPT = 200  # per step of a tick, for the page: the log itself has them all
 
 
-def remember_observation(results):
+def remember_observation(observed, conditions):
+    """Keep what step 1 saw for the API: each node's condition and what it ran (cut to LIST_LIMIT)."""
     now = time.time()
     with status_lock:
-        for node, result in results.items():
-            up = not isinstance(result, Exception)
+        for node, (condition, reason) in conditions.items():
             status = node_status[node]
-            if status["since"] is None or status["up"] != up:
+            if status["since"] is None or status["condition"] != condition:
                 status["since"] = now
-            status["up"] = up
-            status["error"] = None if up else describe(result)
-            if up:
-                status["containers"], status["last_seen"] = result, now
+            status.update(condition=condition, reason=reason, up=condition == "Ready",
+                          error=reason)
+            if node in observed:
+                names = observed[node]
+                status.update(containers=[shown(name) for name in names[:LIST_LIMIT]],
+                              container_count=len(names), last_seen=now)
+                running_names[node] = set(names)
 
 
-def begin_tick(mode):
+def begin_tick(trigger):
     global current_tick, tick_count
     tick_count += 1
-    current_tick = {"number": tick_count, "mode": mode, "started_at": time.time(),
-                    "steps": [], "actions": []}
-    print("\n" + "=" * 70, flush=True)
-    say("tick_" + mode if mode in ("wake", "step") else "tick", time=time.strftime("%H:%M:%S"))
-    print("=" * 70, flush=True)
+    current_tick = {"number": tick_count, "mode": trigger, "started_at": time.time(),
+                    "steps": [], "actions": [], "lines_dropped": 0}
+    emit("\n" + "=" * 70)
+    say("tick_" + trigger if trigger in ("wake", "step") else "tick",
+        time=time.strftime("%H:%M:%S"))
+    emit("=" * 70)
 
 
 def end_tick(failures, unscheduled, failed=None):
     """Print the verdict and keep the finished tick for the API."""
-    global last_tick_finished
+    global last_tick_finished, failed_ticks_in_a_row
     reasons = [f"{node}: {describe(error)}" for node, error in failures.items()]
     if unscheduled:
-        reasons.append(message("unscheduled_reason", count=len(unscheduled)))
+        reasons.append(message("unscheduled_reason",
+                               containers=count_of(len(unscheduled), "container")))
     if failed:
         reasons.append(describe(failed))
     verdict = message("not_converged" if reasons else "converged", reasons="; ".join(reasons))
-    print(verdict, flush=True)
+    emit(verdict)
     now = time.time()
-    current_tick.update(finished_at=now, converged=not reasons, verdict=verdict.strip(),
+    current_tick.update(finished_at=now, converged=not reasons, failed=failed is not None,
+                        verdict=verdict.strip(),
                         duration_ms=round(1000 * (now - current_tick["started_at"]), 1))
     with status_lock:
         recent_ticks.append(current_tick)
-        last_tick_finished = now
+        last_tick_finished = time.monotonic()
+        failed_ticks_in_a_row = failed_ticks_in_a_row + 1 if failed else 0
+
+
+def fail_tick(error):
+    """A tick raised: log it and end it as failed; the next tick retries from scratch."""
+    try:
+        if current_tick is None or current_tick.get("finished_at"):
+            begin_tick("start")  # it failed before it began
+        say("tick_failed", error=describe(error))
+        end_tick({}, [], failed=error)
+    except Exception:
+        pass  # even the report failed: the loop goes on, /healthz tells
 
 
 def container_views(desired):
     """The API's view of each container: name, node and status."""
     with status_lock:
-        seen = {node: set(status["containers"]) for node, status in node_status.items()
+        seen = {node: running_names[node] for node, status in node_status.items()
                 if status["up"]}
     views = []
     for name, node in desired.items():
@@ -667,7 +918,7 @@ def container_views(desired):
 
 def node_views():
     with status_lock:
-        return [{"name": node, "address": "%s:%d" % NODES[node], "handshakes": handshakes[node],
+        return [{"name": node, "address": address(node), "handshakes": handshakes[node],
                  **node_status[node]} for node in NODES]
 
 
@@ -740,12 +991,19 @@ def list_nodes():
 
 @api.get("/healthz")
 def healthz():
+    """200 while the loop ticks and its ticks work; 503 when it stalled or keeps failing."""
     loop = loop_timer.status()
-    silent_for = time.time() - last_tick_finished
+    with status_lock:
+        silent_for = time.monotonic() - last_tick_finished
+        failing = failed_ticks_in_a_row >= 3
+    # A tick may legitimately take SSH_TIMEOUT + 1 s (a hung node) on top of the
+    # wait: twice that with no finished tick means the loop is stuck.
+    stalled = silent_for > 2 * (TICK_SECONDS + SSH_TIMEOUT + 1)
     # Paused on purpose is healthy; a loop that stopped ticking on its own is not.
-    healthy = loop["paused"] or silent_for < 3 * TICK_SECONDS
-    return jsonify(status="ok" if healthy else "stalled", seconds_since_last_tick=round(silent_for, 1),
-                   **loop), (200 if healthy else 503)
+    status = "ok" if loop["paused"] else "stalled" if stalled else "failing" if failing else "ok"
+    return jsonify(status=status, seconds_since_last_tick=round(silent_for, 1),
+                   failed_ticks_in_a_row=failed_ticks_in_a_row,
+                   **loop), (200 if status == "ok" else 503)
 
 
 # Teaching controls: the same as the page's buttons, usable with curl.
@@ -772,7 +1030,9 @@ def state():
     # "now": the page counts down to next_tick_at on the controller's clock, not its own.
     return jsonify(now=time.time(), nodes=node_views(), containers=container_views(desired),
                    ticks=ticks, loop=loop_timer.status(),
-                   invalid_lines=[{"number": n, "line": line, "reason": r} for n, line, r in problems])
+                   invalid_lines=[{"number": n, "line": cut_text(line), "reason": r}
+                                  for n, line, r in problems[:LIST_LIMIT]],
+                   invalid_line_count=len(problems))
 
 
 @api.get("/")
@@ -792,27 +1052,43 @@ MESSAGES = {
         "node_up": "  ✓ {node}: {containers}",
         "node_empty": "  - {node}: empty",
         "node_down": "  ⚠️  {node}: unavailable",
-        "running_count": "   → {count} containers running on {nodes} nodes",
+        "node_not_ready": "  ⚠️  {node}: not ready ({reason})",
+        "running_count": "   → {containers} running on {nodes}",
         "step_2": "\n2️⃣  READ the desired state",
         "bad_line": "  ⚠️  {file} line {number} ignored: {line!r} ({reason})",
-        "declared_count": "   → {count} containers declared",
+        "bad_lines_more": "  ⚠️  … and {more} more invalid lines",
+        "declared_count": "   → {containers} declared",
         "step_3": "\n3️⃣  CLEANUP dead nodes",
         "cleanup": "  💀 CLEANUP: {name} (node {node} down)",
+        "cleanup_not_ready": "  💀 CLEANUP: {name} (node {node} not ready)",
+        "cleanup_unknown_node": "  💀 CLEANUP: {name} (node {node} unknown: not in NODES)",
         "step_4": "\n4️⃣  SCHEDULE unassigned containers",
         "schedule": "  📍 SCHEDULE: {name} → {node}",
         "unschedulable": "  ⏳ {name}: no live node, stays unscheduled",
         "step_5": "\n5️⃣  RECONCILE (diff + actions)",
         "start": "  ▶ START: {name} on {node}",
         "stop": "  ◼ STOP: {name} on {node}",
+        "stop_more": "  ◼ STOP: … and {more} more on {node}",
         "actions_failed": "  ✗ {node}: actions failed ({error}), retry next tick",
         "converged": "\n✅ Converged",
         "not_converged": "\n❌ Not converged: {reasons}",
-        "unscheduled_reason": "{count} containers unscheduled",
+        "unscheduled_reason": "{containers} unscheduled",
         "tick_failed": "  ✗ tick failed: {error}, retry next tick",
         "paused": "\n⏸  Loop paused: no tick until step or resume (POST /api/loop/step or /resume)",
         "resumed": "\n⏯  Loop resumed",
         "started": "pull-mode controller: API on http://{host}:{port}, nodes {nodes}, a tick every {tick:g} s",
         "stopped": "pull-mode controller stopped",
+        "more": "… and {more} more",
+        "more_unread": "… and more (only the first {size} of the file read)",
+        "container": ("container", "containers"),
+        "node": ("node", "nodes"),
+        "reason_timeout": "no answer within {seconds:g} s",
+        "reason_dns": "name not found (DNS)",
+        "reason_refused": "connection refused",
+        "reason_unreachable": "host unreachable",
+        "reason_auth": "authentication failed (is the controller's key authorized?)",
+        "reason_lost": "connection lost",
+        "reason_actions_failed": "its last actions failed: {error}",
     },
     "fr": {
         "tick": "TICK - {time}",
@@ -822,58 +1098,137 @@ MESSAGES = {
         "node_up": "  ✓ {node}: {containers}",
         "node_empty": "  - {node}: vide",
         "node_down": "  ⚠️  {node}: indisponible",
-        "running_count": "   → {count} containers tournent sur {nodes} noeuds",
+        "node_not_ready": "  ⚠️  {node}: pas prêt ({reason})",
+        "running_count": "   → {containers} tournent sur {nodes}",
         "step_2": "\n2️⃣  RÉCUPÉRER l'état désiré",
         "bad_line": "  ⚠️  {file} ligne {number} ignorée : {line!r} ({reason})",
-        "declared_count": "   → {count} containers déclarés",
+        "bad_lines_more": "  ⚠️  … et {more} autres lignes invalides",
+        "declared_count": "   → {containers} déclarés",
         "step_3": "\n3️⃣  CLEANUP des noeuds morts",
         "cleanup": "  💀 CLEANUP: {name} (node {node} down)",
+        "cleanup_not_ready": "  💀 CLEANUP: {name} (node {node} pas prêt)",
+        "cleanup_unknown_node": "  💀 CLEANUP: {name} (node {node} inconnu : absent de NODES)",
         "step_4": "\n4️⃣  SCHEDULER les containers non assignés",
         "schedule": "  📍 SCHEDULE: {name} → {node}",
         "unschedulable": "  ⏳ {name} : aucun noeud disponible, reste non assigné",
         "step_5": "\n5️⃣  RÉCONCILIER (diff + actions)",
         "start": "  ▶ START: {name} sur {node}",
         "stop": "  ◼ STOP: {name} sur {node}",
+        "stop_more": "  ◼ STOP: … et {more} de plus sur {node}",
         "actions_failed": "  ✗ {node} : échec des actions ({error}), nouvel essai au prochain tick",
         "converged": "\n✅ Convergé",
         "not_converged": "\n❌ Non convergé : {reasons}",
-        "unscheduled_reason": "{count} containers non assignés",
+        "unscheduled_reason": "{containers} non assignés",
         "tick_failed": "  ✗ tick en échec : {error}, nouvel essai au prochain tick",
         "paused": "\n⏸  Boucle en pause : aucun tick avant step ou resume (POST /api/loop/step ou /resume)",
         "resumed": "\n⏯  Boucle relancée",
         "started": "contrôleur pull-mode : API sur http://{host}:{port}, noeuds {nodes}, un tick toutes les {tick:g} s",
         "stopped": "contrôleur pull-mode arrêté",
+        "more": "… et {more} de plus",
+        "more_unread": "… et d'autres (seul le premier {size} du fichier est lu)",
+        # The seed's own wording: "1 containers tournent sur 3 noeuds".
+        "container": ("containers", "containers"),
+        "node": ("noeuds", "noeuds"),
+        "reason_timeout": "pas de réponse en {seconds:g} s",
+        "reason_dns": "nom introuvable (DNS)",
+        "reason_refused": "connexion refusée",
+        "reason_unreachable": "hôte injoignable",
+        "reason_auth": "authentification refusée (la clé du contrôleur est-elle autorisée ?)",
+        "reason_lost": "connexion perdue",
+        "reason_actions_failed": "ses dernières actions ont échoué : {error}",
     },
 }
-ACTION_KINDS = ("cleanup", "schedule", "start", "stop")
 
 
 def message(key, **values):
     return MESSAGES[LOG_LANG][key].format(**values)
 
 
-def say(key, ok=True, **values):
-    """Print one line of the tick log now, and keep it for the API and the page."""
+def emit(text):
+    """Print one line of the log. A closed or broken stdout (`| head`) must not stop the loop."""
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):
+        pass  # the line is lost, the tick goes on; /api/state still has it
+
+
+def say(key, action=None, ok=True, **values):
+    """Print one line of the tick log now, and keep it for the API and the page.
+
+    `action` ("cleanup", "schedule", "start", "stop") also records the line as
+    one of the tick's decisions, which the page draws on the nodes."""
     text = message(key, **values)
-    print(text, flush=True)
+    emit(text)
     if current_tick is None or current_tick.get("finished_at"):
         return
     if key.startswith("step_"):
         current_tick["steps"].append({"number": int(key[-1]), "title": text.strip(), "lines": []})
     elif current_tick["steps"]:
-        current_tick["steps"][-1]["lines"].append(text.strip())
-    if key in ACTION_KINDS:
+        lines = current_tick["steps"][-1]["lines"]
+        if len(lines) < MAX_LINES_KEPT:
+            lines.append(text.strip())
+        else:
+            current_tick["lines_dropped"] += 1
+    if action and len(current_tick["actions"]) < MAX_LINES_KEPT:
         current_tick["actions"].append(
-            {"kind": key, "name": values["name"], "node": values["node"], "ok": ok})
+            {"kind": action, "name": values["name"], "node": values["node"], "ok": ok})
+
+
+def count_of(count, unit):
+    """'1 container', '2 containers', '199,990' (unit "number"): English plurals, the seed's French."""
+    if LOG_LANG == "fr":
+        text = f"{count:,}".replace(",", " ")
+    else:
+        text = f"{count:,}"
+    if unit == "number":
+        return text
+    singular, plural = MESSAGES[LOG_LANG][unit]
+    return f"{text} {singular if count == 1 else plural}"
+
+
+def listing(names, cut=False):
+    """Names for one log line, cut after LIST_LIMIT: 'a, b, … and 199,990 more'."""
+    shown_names = [shown(name) for name in names[:LIST_LIMIT]]
+    if len(names) > LIST_LIMIT:
+        shown_names.append(message("more", more=count_of(len(names) - LIST_LIMIT, "number")))
+    if cut:
+        shown_names.append(message("more_unread", size=f"{MAX_READ_BYTES // 1024 // 1024} MiB"))
+    return ", ".join(shown_names)
+
+
+def cut_text(text, limit=60):
+    """A line a student may have made 1 MB long, cut to fit on one line of the log."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def shown(name):
-    """A container name as logged: garbage found on a node is shown quoted."""
-    return name if is_valid_name(name) else repr(name)
+    """A container name as logged: garbage found on a node is shown quoted (and cut)."""
+    return name if is_valid_name(name) else repr(cut_text(name))
+
+
+def address(node):
+    """host:port of a node, with an IPv6 address in brackets."""
+    host, port = NODES[node]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def describe(error):
-    return str(error) or type(error).__name__
+    """Why something failed, in words for people rather than Python's exception text."""
+    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+        error = next(iter(error.errors.values()), error)  # the socket error inside
+    if isinstance(error, (TimeoutError, socket.timeout)) or "banner" in str(error).lower():
+        return message("reason_timeout", seconds=SSH_TIMEOUT)
+    if isinstance(error, socket.gaierror):
+        return message("reason_dns")
+    if isinstance(error, ConnectionRefusedError):
+        return message("reason_refused")
+    if isinstance(error, OSError) and error.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return message("reason_unreachable")
+    if isinstance(error, paramiko.AuthenticationException):
+        return message("reason_auth")
+    if isinstance(error, (EOFError, ConnectionError, paramiko.SSHException)):
+        return message("reason_lost")
+    return cut_text(str(error) or type(error).__name__, 200)
 
 
 # ---------------------------------------------------------------------------
@@ -881,11 +1236,11 @@ def describe(error):
 # ---------------------------------------------------------------------------
 
 def check_configuration():
-    if LOG_LANG not in MESSAGES:
-        sys.exit(f"LOG_LANG must be one of {', '.join(MESSAGES)}, not {LOG_LANG!r}")
-    for node in NODES:
-        if not is_valid_name(node):
-            sys.exit(f"NODES: {node!r} is not a valid node name")
+    """Stop at once, with one line per bad setting and exit status 2, if a setting is wrong."""
+    for error in configuration_errors:
+        print(f"pull-mode: bad setting {error}", file=sys.stderr)
+    if configuration_errors:
+        sys.exit(2)
 
 
 def main():
@@ -898,7 +1253,7 @@ def main():
     server = make_server(API_HOST, API_PORT, api, threaded=True)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                      name="api", daemon=True).start()
-    say("started", host=API_HOST, port=API_PORT, nodes=", ".join(NODES), tick=TICK_SECONDS)
+    say("started", host=API_HOST if ":" not in API_HOST else f"[{API_HOST}]", port=API_PORT, nodes=", ".join(NODES), tick=TICK_SECONDS)
 
     def stop(signum, frame):
         shutting_down.set()

@@ -19,14 +19,21 @@ def desired_file(tmp_path, monkeypatch):
     path.write_text("# header\n")
     monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
     monkeypatch.setattr(c, "loop_timer", c.LoopTimer())
-    monkeypatch.setattr(c, "node_status", {node: {"up": False, "containers": [], "last_seen": None,
-                                                  "since": None, "error": None} for node in c.NODES})
+    monkeypatch.setattr(c, "node_status", {node: c.unobserved_node() for node in c.NODES})
+    monkeypatch.setattr(c, "running_names", {node: set() for node in c.NODES})
+    monkeypatch.setattr(c, "failed_ticks_in_a_row", 0)
     return path
 
 
 @pytest.fixture
 def client(desired_file):
     return c.api.test_client()
+
+
+def observe(answers):
+    """Remember what step 1 would have seen: {node: [names] or the exception it raised}."""
+    observed = {node: answer for node, answer in answers.items() if not isinstance(answer, Exception)}
+    c.remember_observation(observed, c.node_conditions(answers, {}))
 
 
 def post(client, body, **kwargs):
@@ -94,7 +101,7 @@ def test_a_huge_body_is_refused_with_json(client):
 
 def test_get_lists_every_container_with_its_status(client, desired_file):
     desired_file.write_text("nginx:node-1\nredis:node-2\nmysql\n")
-    c.remember_observation({"node-1": ["nginx"], "node-2": [], "node-3": TimeoutError()})
+    observe({"node-1": ["nginx"], "node-2": [], "node-3": TimeoutError()})
     response = client.get("/api/containers")
     assert response.status_code == 200
     assert response.get_json() == [
@@ -105,8 +112,8 @@ def test_get_lists_every_container_with_its_status(client, desired_file):
 
 def test_a_container_on_a_down_node_is_not_running(client, desired_file):
     desired_file.write_text("nginx:node-1\n")
-    c.remember_observation({"node-1": ["nginx"]})
-    c.remember_observation({"node-1": ConnectionRefusedError()})
+    observe({"node-1": ["nginx"]})
+    observe({"node-1": ConnectionRefusedError()})
     assert client.get("/api/containers/nginx").get_json()["status"] == "pending"
 
 
@@ -155,78 +162,80 @@ def test_every_error_is_json(client, method, url, status):
     assert response.is_json and response.get_json()["error"]
 
 
-def test_nodes_show_up_down_and_what_runs(client):
-    c.remember_observation({"node-1": ["nginx"], "node-2": [],
-                            "node-3": ConnectionRefusedError("refused")})
+def test_nodes_show_their_condition_and_what_runs(client):
+    observe({"node-1": ["nginx"], "node-2": c.NodeError("sed: not found"),
+             "node-3": ConnectionRefusedError("refused")})
     nodes = {node["name"]: node for node in client.get("/api/nodes").get_json()}
     assert nodes["node-1"]["up"] and nodes["node-1"]["containers"] == ["nginx"]
+    assert nodes["node-1"]["condition"] == "Ready" and nodes["node-1"]["reason"] is None
     assert nodes["node-1"]["last_seen"] is not None
-    assert not nodes["node-3"]["up"] and nodes["node-3"]["error"] == "refused"
+    assert nodes["node-2"]["condition"] == "NotReady" and nodes["node-2"]["reason"] == "sed: not found"
+    assert nodes["node-3"]["condition"] == "Unknown" and not nodes["node-3"]["up"]
+    assert nodes["node-3"]["reason"] == nodes["node-3"]["error"] == "connection refused"
+
+
+def test_what_the_api_keeps_of_a_flooded_node_is_bounded(client, desired_file):
+    flood = ["nginx"] + [f"intruder{i}" for i in range(200_000)] + ["\x00" * 1_000_000]
+    desired_file.write_text("nginx:node-1\n" + "Bad Line\n" * 10_000)
+    observe({"node-1": flood, "node-2": [], "node-3": []})
+    nodes = {node["name"]: node for node in client.get("/api/nodes").get_json()}
+    assert nodes["node-1"]["container_count"] == len(flood)
+    assert len(nodes["node-1"]["containers"]) == c.LIST_LIMIT
+    assert client.get("/api/containers/nginx").get_json()["status"] == "running"
+    state = client.get("/api/state")
+    assert len(state.data) < 200_000
+    assert state.get_json()["invalid_line_count"] == 10_000
+
+
+def stall(seconds_ago):
+    """Pretend the last tick finished that many seconds ago."""
+    return time.monotonic() - seconds_ago
 
 
 def test_healthz_is_200_while_the_loop_ticks_and_503_when_it_stalls(client, monkeypatch):
-    monkeypatch.setattr(c, "last_tick_finished", time.time())
+    patience = 2 * (c.TICK_SECONDS + c.SSH_TIMEOUT + 1)
+    monkeypatch.setattr(c, "last_tick_finished", stall(0))
     assert client.get("/healthz").status_code == 200
-    monkeypatch.setattr(c, "last_tick_finished", time.time() - 3 * c.TICK_SECONDS - 1)
+    monkeypatch.setattr(c, "last_tick_finished", stall(patience - 1))
+    assert client.get("/healthz").status_code == 200, "a tick slowed by a hung node is not a stall"
+    monkeypatch.setattr(c, "last_tick_finished", stall(patience + 1))
     response = client.get("/healthz")
     assert response.status_code == 503 and response.get_json()["status"] == "stalled"
 
 
+def test_healthz_is_503_when_the_last_ticks_all_failed(client, monkeypatch):
+    monkeypatch.setattr(c, "last_tick_finished", stall(0))
+    monkeypatch.setattr(c, "failed_ticks_in_a_row", 2)
+    assert client.get("/healthz").status_code == 200, "one or two failures may be bad luck"
+    monkeypatch.setattr(c, "failed_ticks_in_a_row", 3)
+    response = client.get("/healthz")
+    assert response.status_code == 503 and response.get_json()["status"] == "failing"
+
+
 def test_healthz_is_200_while_paused_on_purpose(client, monkeypatch):
-    monkeypatch.setattr(c, "last_tick_finished", time.time() - 3 * c.TICK_SECONDS - 1)
+    monkeypatch.setattr(c, "last_tick_finished", stall(1000))
     client.post("/api/loop/pause")
     assert client.get("/healthz").status_code == 200
 
 
-# --- concurrency: nothing is lost ---------------------------------------------------------
+def test_the_timer_ticks_on_time_when_the_clock_is_set_back(monkeypatch):
+    real_time, calls = time.time, []
 
-def test_concurrent_posts_deletes_and_loop_writes_lose_nothing(client, desired_file):
-    """Many API threads add and delete while the 'loop' keeps assigning nodes."""
-    keep = [f"keep-{i}" for i in range(40)]
-    churn = [f"churn-{i}" for i in range(40)]
-    stop_loop = threading.Event()
-    errors = []
+    def clock_going_backwards():  # every reading is an hour earlier than the one before
+        calls.append(1)
+        return real_time() - 3600 * len(calls)
 
-    def api_worker(names):
-        local = c.api.test_client()
-        for name in names:
-            if post(local, {"name": name}).status_code != 201:
-                errors.append(f"POST {name}")
-        for name in names:
-            if name.startswith("churn") and local.delete(f"/api/containers/{name}").status_code != 200:
-                errors.append(f"DELETE {name}")
-
-    def loop_worker():
-        while not stop_loop.is_set():
-            declared = c.get_desired_state()
-            desired, _ = c.schedule(declared, ["node-1", "node-2", "node-3"])
-            c.save_assignments(declared, desired)
-
-    loop = threading.Thread(target=loop_worker)
-    loop.start()
-    workers = [threading.Thread(target=api_worker, args=(keep[i::8] + churn[i::8],))
-               for i in range(8)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    stop_loop.set()
-    loop.join()
-
-    assert errors == []
-    desired, problems = c.parse_desired_state(desired_file.read_text())
-    assert sorted(desired) == sorted(keep)
-    assert problems == []
-    assert desired_file.read_text().startswith("# header\n")
-
-
-def test_a_loop_write_never_overwrites_a_change_made_since_it_read(desired_file):
-    desired_file.write_text("app1:node-1\n")
-    declared = c.get_desired_state()
-    desired_file.write_text("app1:node-3\napp2\n")  # a hand edit while the loop works
-    current = c.save_assignments(declared, {"app1": None})
-    assert current == {"app1": "node-3", "app2": None}
-    assert desired_file.read_text() == "app1:node-3\napp2\n"
+    monkeypatch.setattr(c, "TICK_SECONDS", 0.2)
+    monkeypatch.setattr(c, "shutting_down", threading.Event())
+    timer, result = c.LoopTimer(), []
+    monkeypatch.setattr(c.time, "time", clock_going_backwards)
+    thread = threading.Thread(target=lambda: result.append(timer.wait_for_next_tick()), daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    c.shutting_down.set()
+    with timer.condition:
+        timer.condition.notify_all()
+    assert result == ["timer"]
 
 
 # --- the loop's timer, pause and step -------------------------------------------------------

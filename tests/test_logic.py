@@ -4,8 +4,15 @@ No network here: these are the decisions, tested as plain functions over plain
 data, with property-based tests (hypothesis) for the invariants.
 """
 
+import errno
+import os
+import shutil
+import socket
 import subprocess
+import sys
+from pathlib import Path
 
+import paramiko
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -34,6 +41,48 @@ def test_everything_else_is_not_a_valid_name(name):
 def test_nodes_can_point_at_other_addresses():
     assert c.parse_nodes("node-1, node-2=127.0.0.1:2202,node-3=10.0.0.3", 22) == {
         "node-1": ("node-1", 22), "node-2": ("127.0.0.1", 2202), "node-3": ("10.0.0.3", 22)}
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("node-1=[::1]:2202", {"node-1": ("::1", 2202)}),
+    ("node-1=[::1]", {"node-1": ("::1", 22)}),
+    (" node-1 = host : 2202 ", {"node-1": ("host", 2202)}),
+])
+def test_nodes_accept_ipv6_in_brackets_and_spaces(spec, expected):
+    assert c.parse_nodes(spec, 22) == expected
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("NODES", "node-1=h:22x", "'node-1': a port is a whole number"),
+    ("NODES", "node-1=::1:22", "put an IPv6 address in brackets"),
+    ("NODES", "node-1,node-2,", "an empty entry"),
+    ("NODES", "node-1,node-1=h:2202", "'node-1' is listed twice"),
+    ("NODES", "Node_1", "not a valid node name"),
+    ("NODES", "node-1=h:70000", "from 1 to 65535"),
+    ("TICK_SECONDS", "0", "must be at least 0.1"),
+    ("TICK_SECONDS", "five", "not a number"),
+    ("TICK_SECONDS", "nan", "not a finite number"),
+    ("SSH_TIMEOUT", "-1", "must be more than 0"),
+    ("SSH_TIMEOUT", "3s", "not a number"),
+    ("API_PORT", "0", "from 1 to 65535"),
+    ("API_PORT", "http", "from 1 to 65535"),
+    ("SSH_PORT", "65536", "from 1 to 65535"),
+    ("LOG_LANG", "de", "en or fr"),
+])
+def test_a_bad_setting_is_one_clear_line_and_exit_status_2(tmp_path, variable, value, says):
+    env = {**os.environ, variable: value, "DESIRED_STATE_FILE": str(tmp_path / "d.txt"),
+           "API_PORT": os.environ.get("API_PORT", "1") if variable != "API_PORT" else value}
+    result = subprocess.run([sys.executable, str(REPO / "app_controller.py")], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"pull-mode: bad setting {variable}={value!r}: ")
+    assert says in lines[0]
+    assert result.stdout == "", "nothing starts"
 
 
 # --- desired_state.txt --------------------------------------------------------
@@ -100,6 +149,48 @@ def test_what_is_rendered_parses_back_to_the_same_state(before, after):
     rewritten = c.render_desired_state(text, after)
     assert c.parse_desired_state(rewritten)[0] == after
     assert rewritten.startswith("# header\n\nNot Valid\n")
+
+
+def test_spaces_around_the_colon_are_what_a_teacher_means():
+    assert c.parse_desired_state("nginx : node-1\nweb :node-2\n")[0] == {
+        "nginx": "node-1", "web": "node-2"}
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_line():
+    assert c.parse_desired_state("\ufeffnginx\nredis\n") == ({"nginx": None, "redis": None}, [])
+
+
+def test_a_windows_file_keeps_its_crlf_and_bom_when_rewritten():
+    text = "\ufeff# class\r\nnginx\r\nredis:node-2\r\n"
+    desired, problems = c.parse_desired_state(text)
+    assert desired == {"nginx": None, "redis": "node-2"} and problems == []
+    desired["nginx"] = "node-1"
+    desired["web"] = None
+    assert c.render_desired_state(text, desired) == (
+        "\ufeff# class\r\nnginx:node-1\r\nredis:node-2\r\nweb\r\n")
+
+
+def test_the_file_is_read_with_its_line_endings(tmp_path, monkeypatch):
+    path = tmp_path / "desired_state.txt"
+    path.write_bytes(b"nginx\r\nredis\r\n")
+    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
+    with c.editing_desired_state() as desired:
+        desired["web"] = None
+    assert path.read_bytes() == b"nginx\r\nredis\r\nweb\r\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_a_rewrite_keeps_the_files_owner_and_mode(tmp_path):
+    path = tmp_path / "desired_state.txt"
+    path.write_text("nginx\n")
+    os.chown(path, 1234, 1234)
+    os.chmod(path, 0o664)
+    c.write_atomically(str(path), "nginx:node-1\n")
+    info = os.stat(path)
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (1234, 1234, 0o664)
+    os.chown(tmp_path, 4321, 4321)
+    c.write_atomically(str(tmp_path / "new.txt"), "web\n")
+    assert os.stat(tmp_path / "new.txt").st_uid == 4321, "a new file belongs to the directory's owner"
 
 
 def test_writes_are_atomic_and_leave_no_temp_file(tmp_path):
@@ -181,15 +272,16 @@ def test_from_empty_nodes_loads_differ_by_at_most_one(containers, live_nodes):
 # --- step 5: the reconcile diff -----------------------------------------------------
 
 def test_diff_starts_the_missing_and_stops_intruders():
-    assert c.diff_node(["nginx", "intruder"], ["nginx", "redis"]) == (["redis"], ["intruder"])
+    assert c.diff_node(["nginx", "intruder"], ["nginx", "redis"]) == (
+        ["redis"], ["intruder"], ["nginx"])
 
 
 def test_diff_of_a_converged_node_is_empty():
-    assert c.diff_node(["a", "b"], ["b", "a"]) == ([], [])
+    assert c.diff_node(["a", "b"], ["b", "a"]) == ([], [], ["b", "a"])
 
 
 def test_a_container_listed_twice_is_brought_back_to_one():
-    assert c.diff_node(["a", "a", "b"], ["a", "b"]) == (["a"], ["a"])
+    assert c.diff_node(["a", "a", "b"], ["a", "b"]) == (["a"], ["a"], ["b"])
 
 
 def test_zombies_on_a_node_that_came_back_are_stopped():
@@ -198,76 +290,241 @@ def test_zombies_on_a_node_that_came_back_are_stopped():
                 "node-3": ["app3", "app6", "app4"]}
     desired = {"app1": "node-2", "app2": "node-2", "app3": "node-3",
                "app4": "node-3", "app5": "node-2", "app6": "node-3"}
-    assert c.plan_reconcile(observed, desired, NODES) == {"node-1": ([], ["app1", "app4"])}
+    assert c.plan_reconcile(observed, desired) == {"node-1": ([], ["app1", "app4"], [])}
 
 
-def apply_plan(running, to_start, to_stop):
-    """What the node's shell command does: remove the stopped lines, append the started."""
-    return [name for name in running if name not in to_stop] + to_start
+def apply_plan(running, to_start, to_keep):
+    """What the node's shell command does: keep the lines of to_keep, append to_start."""
+    return [name for name in running if name in to_keep] + to_start
 
 
 @given(st.dictionaries(st.sampled_from(NODES), st.lists(names | st.text(max_size=5))),
        st.dictionaries(names, st.sampled_from([None] + NODES)),
        st.lists(st.sampled_from(NODES), unique=True))
 def test_applying_the_plan_to_the_observed_state_yields_the_desired_state(observed, desired,
-                                                                          live_nodes):
-    observed = {node: observed.get(node, []) for node in live_nodes}
-    plan = c.plan_reconcile(observed, desired, live_nodes)
-    for node in live_nodes:
-        to_start, to_stop = plan.get(node, ([], []))
-        after = apply_plan(observed[node], to_start, to_stop)
+                                                                          answering):
+    observed = {node: observed.get(node, []) for node in answering}
+    plan = c.plan_reconcile(observed, desired)
+    for node in answering:
+        to_start, to_stop, to_keep = plan.get(node, ([], [], observed[node]))
+        after = apply_plan(observed[node], to_start, to_keep)
         wanted = [name for name, assigned in desired.items() if assigned == node]
         assert sorted(after) == sorted(wanted), "each wanted container exactly once, nothing else"
+        assert sorted(set(observed[node]) - set(wanted)) == sorted(
+            name for name in to_stop if name not in wanted), "every unwanted line is logged as a stop"
 
 
-# --- the node command, run by a real shell on a real file ------------------------------
+# --- node conditions: Ready, NotReady, Unknown ------------------------------------------
 
-def run_node_command(tmp_path, monkeypatch, content, to_start, to_stop):
-    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
-    path = tmp_path / "node-1_running.txt"
+def test_a_node_that_answers_is_ready():
+    assert c.node_conditions({"node-1": b"app1\n"}, {}) == {"node-1": ("Ready", None)}
+
+
+def test_a_node_whose_command_fails_is_not_ready_with_the_reason():
+    answers = {"node-1": c.NodeError("/app/nodes/node-1_running.txt: not a regular file")}
+    assert c.node_conditions(answers, {}) == {
+        "node-1": ("NotReady", "/app/nodes/node-1_running.txt: not a regular file")}
+
+
+def test_a_node_that_does_not_answer_is_unknown():
+    condition, reason = c.node_conditions({"node-1": TimeoutError()}, {})["node-1"]
+    assert condition == "Unknown" and reason == f"no answer within {c.SSH_TIMEOUT:g} s"
+
+
+def test_a_node_whose_last_actions_failed_is_not_ready_until_they_work():
+    condition, reason = c.node_conditions({"node-1": b""}, {"node-1": "No space left on device"})["node-1"]
+    assert condition == "NotReady" and "No space left on device" in reason
+
+
+# --- reasons for people ----------------------------------------------------------------
+
+@pytest.mark.parametrize("error, reason", [
+    (TimeoutError(), "no answer within"),
+    (socket.gaierror(-2, "Name or service not known"), "name not found (DNS)"),
+    (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
+    (paramiko.ssh_exception.NoValidConnectionsError({("127.0.0.1", 22): ConnectionRefusedError(111, "x")}),
+     "connection refused"),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), "host unreachable"),
+    (paramiko.AuthenticationException("Authentication failed."), "authentication failed"),
+    (paramiko.SSHException("No existing session"), "connection lost"),
+    (paramiko.SSHException("Error reading SSH protocol banner"), "no answer within"),
+    (EOFError(), "connection lost"),
+])
+def test_errors_are_told_in_words_for_people(error, reason):
+    assert c.describe(error).startswith(reason)
+
+
+def test_english_plurals_are_right():
+    assert c.count_of(1, "container") == "1 container"
+    assert c.count_of(2, "node") == "2 nodes"
+    assert c.count_of(199990, "number") == "199,990"
+
+
+def test_french_keeps_the_seeds_wording(monkeypatch):
+    monkeypatch.setattr(c, "LOG_LANG", "fr")
+    assert c.message("running_count", containers=c.count_of(1, "container"),
+                     nodes=c.count_of(3, "node")) == "   → 1 containers tournent sur 3 noeuds"
+
+
+def test_a_long_list_is_cut_in_the_log():
+    names = [f"intruder{i}" for i in range(200_000)]
+    line = c.listing(names)
+    assert line.endswith("… and 199,980 more") and len(line) < 400
+
+
+def test_a_huge_garbage_line_is_cut_in_the_log():
+    assert len(c.shown("\x00" * 1_000_000)) < 300
+
+
+# --- the node commands, run by real shells on real files ---------------------------------
+# Every node command is plain POSIX: it must work with Debian's dash and GNU sed,
+# and with BusyBox's sh and sed (an Alpine node). BusyBox runs from a directory
+# that holds only its applets, so no GNU tool can sneak in.
+
+BUSYBOX_APPLETS = ["sh", "sed", "head", "tail", "cat", "printf", "mkdir", "chown", "stat",
+                   "echo", "test", "["]
+
+
+@pytest.fixture(scope="session")
+def busybox_bin(tmp_path_factory):
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox is not installed (tests/run installs Debian's busybox package)"
+    directory = tmp_path_factory.mktemp("busybox-bin")
+    for applet in BUSYBOX_APPLETS:
+        (directory / applet).symlink_to(busybox)
+    return directory
+
+
+@pytest.fixture(params=["dash+gnu", "busybox"])
+def node_shell(request, busybox_bin):
+    """How to run a node command: [argv...] and the environment, for each kind of node."""
+    if request.param == "busybox":
+        return [str(busybox_bin / "sh"), "-c"], {"PATH": str(busybox_bin)}
+    return ["sh", "-c"], {"PATH": os.environ["PATH"]}
+
+
+def run_on(node_shell, command, check=True):
+    argv, env = node_shell
+    return subprocess.run([*argv, command], env=env, capture_output=True, check=check)
+
+
+def converge(node_shell, directory, content, wanted):
+    """Play one reconcile on a real file: observe it, diff, run the action command; return the file."""
+    path = directory / "node-1_running.txt"
     if content is not None:
-        path.write_text(content)
-    subprocess.run(["sh", "-c", c.start_stop_command("node-1", to_start, to_stop)], check=True)
-    return path.read_text()
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(c, "NODE_STATE_DIR", str(directory))
+        output = run_on(node_shell, c.observe_command("node-1")).stdout
+        running, _ = c.parse_running_file(output)
+        to_start, to_stop, to_keep = c.diff_node(running, wanted)
+        command = c.act_command("node-1", to_keep, to_start)
+        run_on(node_shell, command)
+    return path.read_bytes().decode(), command
 
 
-def test_stopping_app1_never_touches_app10(tmp_path, monkeypatch):
-    after = run_node_command(tmp_path, monkeypatch, "app10\napp1\napp11\n", [], ["app1"])
+def test_stopping_app1_never_touches_app10(node_shell, tmp_path):
+    after, _ = converge(node_shell, tmp_path, "app10\napp1\napp11\n", ["app10", "app11"])
     assert after == "app10\napp11\n"
 
 
-def test_start_appends_a_line_even_after_a_line_without_newline(tmp_path, monkeypatch):
-    after = run_node_command(tmp_path, monkeypatch, "nginx", ["redis", "web"], [])
+def test_start_appends_a_line_even_after_a_line_without_newline(node_shell, tmp_path):
+    after, _ = converge(node_shell, tmp_path, "nginx", ["nginx", "redis", "web"])
     assert after == "nginx\nredis\nweb\n"
 
 
-def test_start_creates_the_missing_file(tmp_path, monkeypatch):
-    assert run_node_command(tmp_path, monkeypatch, None, ["nginx"], []) == "nginx\n"
+def test_start_creates_the_missing_file(node_shell, tmp_path):
+    assert converge(node_shell, tmp_path, None, ["nginx"])[0] == "nginx\n"
 
 
-def test_garbage_lines_are_removed_without_reaching_the_shell(tmp_path, monkeypatch):
+def test_garbage_lines_are_removed_without_reaching_the_shell(node_shell, tmp_path):
     garbage = "$(touch pwned); 'x\" `id`"
-    content = f"nginx\n{garbage}\nBad Name\napp1\n"
-    command = c.start_stop_command("node-1", [], [garbage, "Bad Name", "app1"])
+    after, command = converge(node_shell, tmp_path, f"nginx\n{garbage}\nBad Name\napp1\n", ["nginx"])
     assert garbage not in command and "Bad Name" not in command
-    after = run_node_command(tmp_path, monkeypatch, content, [], [garbage, "Bad Name", "app1"])
     assert after == "nginx\n"
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_flood_of_200000_intruders_is_healed_by_one_short_command(node_shell, tmp_path):
+    flood = "nginx\n" + "".join(f"intruder{i}\n" for i in range(200_000))
+    after, command = converge(node_shell, tmp_path, flood, ["nginx", "redis"])
+    assert after == "nginx\nredis\n"
+    assert len(command) < 500, "the command must not grow with the number of unwanted lines"
+
+
+@pytest.mark.parametrize("prank", [
+    b"\x00\xff\xfe binary \x00\n" * 1000 + b"nginx\n",
+    b"x" * 1_000_000 + b"\nnginx\n",
+    b"nginx\n" + b"0123456789abcdef\n" * 700_000,  # about 12 MB: more than the controller reads
+], ids=["binary", "one-1MB-line", "12MB"])
+def test_pranks_in_a_node_file_are_healed(node_shell, tmp_path, prank):
+    after, _ = converge(node_shell, tmp_path, prank, ["nginx"])
+    assert after.splitlines().count("nginx") == 1
+    after, _ = converge(node_shell, tmp_path, None, ["nginx"])  # the next tick: converged
+    assert after == "nginx\n"
+
+
+def test_the_controller_reads_at_most_one_mebibyte_of_a_node_file(node_shell, tmp_path, monkeypatch):
+    (tmp_path / "node-1_running.txt").write_bytes(b"intruder\n" * 2_000_000)  # 18 MB
+    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
+    output = run_on(node_shell, c.observe_command("node-1")).stdout
+    assert len(output) == c.MAX_READ_BYTES + 1
+    names, cut = c.parse_running_file(output)
+    assert cut and set(names) == {"intruder"}
+
+
+def test_a_directory_instead_of_the_file_is_a_reason_not_a_silence(node_shell, tmp_path, monkeypatch):
+    (tmp_path / "node-1_running.txt").mkdir()
+    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
+    result = run_on(node_shell, c.observe_command("node-1"), check=False)
+    assert result.returncode != 0
+    assert b"not a regular file" in result.stderr
+
+
+def test_a_node_without_sed_says_so(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ["head"]:
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
+    result = subprocess.run(["/bin/sh", "-c", c.observe_command("node-1")],
+                            env={"PATH": str(bin_dir)}, capture_output=True)
+    assert result.returncode != 0 and b"sed: not found" in result.stderr
+
+
 def test_an_unvalidated_name_is_never_started():
     with pytest.raises(ValueError):
-        c.start_stop_command("node-1", ["x; reboot"], [])
+        c.act_command("node-1", [], ["x; reboot"])
+    with pytest.raises(ValueError):
+        c.act_command("node-1", ["x|.*"], [])
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(names, max_size=6), st.lists(names, max_size=4, unique=True),
-       st.lists(names, max_size=4, unique=True))
-def test_the_shell_command_does_what_the_plan_says(tmp_path_factory, running, to_start, to_stop):
-    directory = tmp_path_factory.mktemp("node")
-    path = directory / "node-1_running.txt"
-    path.write_text("".join(name + "\n" for name in running))
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(c, "NODE_STATE_DIR", str(directory))
-        subprocess.run(["sh", "-c", c.start_stop_command("node-1", to_start, to_stop)], check=True)
-    assert path.read_text().splitlines() == apply_plan(running, to_start, to_stop)
+@settings(max_examples=25, deadline=None)
+@given(st.lists(names | st.text(max_size=4), max_size=6), st.lists(names, max_size=5, unique=True))
+def test_the_shell_commands_make_the_file_list_what_is_wanted(tmp_path_factory, busybox_bin,
+                                                               running, wanted):
+    for shell in (["sh", "-c"], {"PATH": os.environ["PATH"]}), \
+                 ([str(busybox_bin / "sh"), "-c"], {"PATH": str(busybox_bin)}):
+        directory = tmp_path_factory.mktemp("node")
+        content = "".join(line.replace("\n", "") + "\n" for line in running)
+        after, _ = converge(shell, directory, content, wanted)
+        assert sorted(after.splitlines()) == sorted(wanted)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+
+
+@needs_root
+def test_a_file_the_controller_creates_belongs_to_the_owner_of_the_directory(node_shell, tmp_path):
+    os.chown(tmp_path, 1234, 1234)
+    converge(node_shell, tmp_path, None, ["nginx"])
+    assert os.stat(tmp_path / "node-1_running.txt").st_uid == 1234
+
+
+@needs_root
+def test_a_rewritten_node_file_keeps_its_owner(node_shell, tmp_path):
+    path = tmp_path / "node-1_running.txt"
+    path.write_text("nginx\nintruder\n")
+    os.chown(path, 1234, 1234)
+    converge(node_shell, tmp_path, None, ["nginx"])
+    assert path.read_text() == "nginx\n" and os.stat(path).st_uid == 1234
