@@ -405,6 +405,8 @@ def run_on_node(node, command, gave_up):
         errors = stderr.read(4096).decode("utf-8", errors="replace")
         if not stdout.channel.status_event.wait(SSH_TIMEOUT):
             raise TimeoutError("no exit status")
+        if stdout.channel.exit_status == -1:  # closed before it said how the command ended
+            raise ConnectionError("the connection closed during the command")
     except Exception:
         close_connection(node, client)  # broken or hung: open a new one next time
         raise
@@ -1196,14 +1198,14 @@ def listing(names, cut=False):
     return ", ".join(shown_names)
 
 
-def cut_text(text, limit=60):
+def cut_text(text, limit=120):
     """A line a student may have made 1 MB long, cut to fit on one line of the log."""
     return text if len(text) <= limit else text[:limit] + "…"
 
 
 def shown(name):
     """A container name as logged: garbage found on a node is shown quoted (and cut)."""
-    return name if is_valid_name(name) else repr(cut_text(name))
+    return name if is_valid_name(name) else cut_text(repr(name), 40)
 
 
 def address(node):

@@ -385,9 +385,11 @@ def test_delete_stops_container(cluster, ctl):
     assert ctl.delete("/api/containers/nginx")[0] == 404
 
 
-def test_a_failed_action_is_logged_and_retried_next_tick(tmp_path, ssh_keys, start_controller):
-    """node-1's `sed` fails (a real command failing on a real node): the tick says which
-    node failed and is not converged; once the node is fixed, the next tick converges."""
+def test_a_node_whose_actions_fail_is_not_ready_until_they_work(tmp_path, ssh_keys, start_controller):
+    """node-1's `sed` fails (a real command failing on a real node, like a full disk):
+    the tick says which node failed; next tick node-1 is NotReady, as in Kubernetes'
+    NodeReady condition, and nginx moves to a Ready node; once node-1 is repaired its
+    next action works and it is Ready again."""
     fake_bin = tmp_path / "fake-bin"
     fake_bin.mkdir()
     fake_sed = fake_bin / "sed"
@@ -405,16 +407,24 @@ def test_a_failed_action_is_logged_and_retried_next_tick(tmp_path, ssh_keys, sta
         ctl.wait_for_line(line("  ✗ node-1: actions failed (sed: disk full), retry next tick"),
                           WAIT, after=mark)
         ctl.wait_for_line(line("❌ Not converged: node-1: sed: disk full"), WAIT, after=mark)
+        at, _ = ctl.wait_for_line(
+            line("  ⚠️  node-1: not ready (its last actions failed: sed: disk full)"), WAIT, after=mark)
+        ctl.wait_for_line(line("  💀 CLEANUP: nginx (node node-1 not ready)"), WAIT, after=at)
+        ctl.wait_for_line(re.compile(r"^  ▶ START: nginx on node-[23]$"), WAIT, after=at)
         assert "nginx" not in broken["node-1"].running
-        mark = ctl.mark()
-        ctl.wait_for_line(line("  ✗ node-1: actions failed (sed: disk full), retry next tick"),
-                          WAIT, after=mark)  # retried on the next tick
+        nodes = {node["name"]: node for node in ctl.get("/api/nodes")[1]}
+        assert nodes["node-1"]["condition"] == "NotReady"
+        assert nodes["node-1"]["reason"] == "its last actions failed: sed: disk full"
+        wait_each_once(broken, ["nginx"])
 
         fake_sed.unlink()  # the node is repaired
         mark = ctl.mark()
-        ctl.wait_for_line(line("  ▶ START: nginx on node-1"), WAIT, after=mark)
-        ctl.wait_for_line(line("✅ Converged"), WAIT, after=mark)
-        assert broken["node-1"].running == ["nginx"]
+        ctl.wait_for_line(line("  - node-1: empty"), WAIT, after=mark)
+        nodes = {node["name"]: node for node in ctl.get("/api/nodes")[1]}
+        assert nodes["node-1"]["condition"] == "Ready"
+        post(ctl, "web")  # node-1 is the emptiest Ready node again
+        ctl.wait_for_line(line("  ▶ START: web on node-1"), WAIT, after=mark)
+        wait_each_once(broken, ["nginx", "web"])
     finally:
         broken.close()
 
