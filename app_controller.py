@@ -853,7 +853,7 @@ def remember_observation(observed, conditions):
                           error=reason)
             if node in observed:
                 names = observed[node]
-                status.update(containers=[shown(name) for name in names[:LIST_LIMIT]],
+                status.update(containers=[cut_text(name) for name in names[:LIST_LIMIT]],
                               container_count=len(names), last_seen=now)
                 running_names[node] = set(names)
 
