@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from typing import NamedTuple
 from contextlib import contextmanager
 
 import paramiko
@@ -154,6 +155,16 @@ TICK_SECONDS = setting("TICK_SECONDS", "5", number(low=0.1))
 API_HOST = os.environ.get("API_HOST", "0.0.0.0")
 API_PORT = setting("API_PORT", "8080", port)
 LOG_LANG = setting("LOG_LANG", "en", language)
+# How long a node that does not answer keeps its containers before they move.
+# 0, the seed's choice: at the first missed observation. Kubernetes waits 50 s
+# (node-monitor-grace-period) then 300 s more (the unreachable taint's
+# tolerationSeconds), because from the controller a crashed node and a node
+# cut off by the network look the same, and only the crashed one is safe to
+# replace: the cut-off one still runs its containers.
+NODE_GRACE_SECONDS = setting("NODE_GRACE_SECONDS", "0", number(low=0))
+# After a tick that started or stopped something, the next tick comes this
+# soon to check the work (controller-runtime's requeue), not a whole period later.
+REQUEUE_SECONDS = 0.3
 
 # A node's file may hold anything a student wrote into it. We read at most this
 # much of it: enough for any real list of containers, and a 10 MB prank costs
@@ -514,11 +525,12 @@ def cleanup_dead_nodes(desired, live_nodes):
 
 
 def schedule(desired, live_nodes):
-    """Assign every unassigned container to a live node. Returns (new desired, [(name, node)]).
+    """Assign every unassigned container to a live node. Returns (new desired, placements).
 
     Each goes to the live node with the fewest containers, the first in NODES
     order on a tie: from empty nodes that is round-robin, and after a failure
-    it fills the emptiest nodes first, so the load stays even."""
+    it fills the emptiest nodes first, so the load stays even. A placement is
+    (name, node, the loads it compared): why node-2 and not node-3."""
     load = {node: 0 for node in live_nodes}
     for node in desired.values():
         if node in load:
@@ -526,9 +538,10 @@ def schedule(desired, live_nodes):
     scheduled, placements = {}, []
     for name, node in desired.items():
         if node is None and live_nodes:
+            loads_seen = dict(load)
             node = min(live_nodes, key=lambda candidate: load[candidate])
             load[node] += 1
-            placements.append((name, node))
+            placements.append((name, node, loads_seen))
         scheduled[name] = node
     return scheduled, placements
 
@@ -583,43 +596,74 @@ def node_conditions(answers, failed_actions):
     return conditions
 
 
+def grace_periods(conditions, last_answered, now, grace):
+    """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)} in seconds.
+
+    From here a crashed node and a node cut off by the network look the same;
+    the cut-off one still runs its containers, and starting them elsewhere at
+    once would run them twice. So, as Kubernetes does, we wait a while."""
+    waiting = {}
+    for node, (condition, _) in conditions.items():
+        silent_for = now - last_answered[node]
+        if condition == "Unknown" and silent_for < grace:
+            waiting[node] = (silent_for, grace - silent_for)
+    return waiting
+
+
 # ---------------------------------------------------------------------------
 # The five steps
 # ---------------------------------------------------------------------------
 # Why each node's last actions failed, when the node answered but its command
 # failed there: next tick that node is NotReady, until an action works again.
 failed_actions = {}
+# When each node last answered (time.monotonic()): the start of its silence.
+last_answered = {node: time.monotonic() for node in NODES}
+
+
+class Observation(NamedTuple):
+    """What step 1 saw."""
+    running: dict     # node -> the names in its file, for every node that answered
+    live_nodes: list  # the Ready nodes: they keep and get containers
+    waiting: dict     # Unknown nodes in their grace period: node -> (silent for, eviction in)
+    conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
 
 def get_current_state():
-    """Step 1, observe: ask every node what it runs. Returns (observed, live_nodes, conditions).
+    """Step 1, observe: ask every node what it runs and how it is.
 
     A node that does not answer is Unknown, one that answers but fails is
     NotReady: facts to log, not errors. Only Ready nodes are live."""
     answers = on_every_node({node: observe_command(node) for node in NODES})
+    now = time.monotonic()
     conditions = node_conditions(answers, failed_actions)
-    observed, cut = {}, set()
+    running, cut = {}, set()
     for node, answer in answers.items():
         if not isinstance(answer, Exception):
-            observed[node], was_cut = parse_running_file(answer)
+            last_answered[node] = now
+            running[node], was_cut = parse_running_file(answer)
             if was_cut:
                 cut.add(node)
     live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
+    waiting = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     for node in NODES:
         condition, reason = conditions[node]
-        if condition == "Unknown":
+        if node in waiting:
+            silent_for, eviction_in = waiting[node]
+            say("node_waiting", node=node, silent=silent_for, left=eviction_in)
+        elif condition == "Unknown":
             say("node_down", node=node)
         elif condition == "NotReady":
             say("node_not_ready", node=node, reason=reason)
-        elif observed[node]:
-            say("node_up", node=node, containers=listing(observed[node], cut=node in cut))
+        elif running[node]:
+            say("node_up", node=node, containers=listing(running[node], cut=node in cut))
         else:
             say("node_empty", node=node)
-    say("running_count", containers=count_of(sum(len(observed[node]) for node in live_nodes),
+    say("running_count", containers=count_of(sum(len(running[node]) for node in live_nodes),
                                              "container"),
         nodes=count_of(len(live_nodes), "node"))
-    remember_observation(observed, conditions)
-    return observed, live_nodes, conditions
+    observation = Observation(running, live_nodes, waiting, conditions)
+    remember_observation(observation)
+    return observation
 
 
 def get_desired_state():
@@ -634,15 +678,22 @@ def get_desired_state():
     return desired
 
 
-def explain_cleanup(orphans, conditions):
+def explain_cleanup(orphans, observation):
     """Log why each container lost its node: down, not ready, or not a node at all."""
+    now = time.monotonic()
     for name, node in orphans:
         if node not in NODES:
+            why = "unknown_node"
             say("cleanup_unknown_node", action="cleanup", name=name, node=node)
-        elif conditions[node][0] == "NotReady":
+        elif observation.conditions[node][0] == "NotReady":
+            why = "not_ready"
             say("cleanup_not_ready", action="cleanup", name=name, node=node)
         else:
+            why = "down"
             say("cleanup", action="cleanup", name=name, node=node)
+        silent_for = now - last_answered[node] if node in NODES else None
+        decide("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
+               silent_for=None if silent_for is None else round(silent_for, 1))
 
 
 def save_assignments(declared, desired):
@@ -663,7 +714,8 @@ def reconcile(observed, desired):
     """Step 5: diff observed against desired on every node that answered, then start/stop.
 
     All of a node's actions go in one SSH command; nodes act in parallel.
-    Returns {node: error} for the nodes whose actions failed (retried next tick).
+    Returns ({node: error} for the nodes whose actions failed (retried next
+    tick), whether anything was started or stopped).
     A NotReady node is acted on too: its containers were moved away, so what
     still runs there is stopped, and a node that works again proves it here."""
     plan = plan_reconcile(observed, desired)
@@ -674,6 +726,7 @@ def reconcile(observed, desired):
                 for node, (to_start, _, to_keep) in plan.items()}
     results = on_every_node(commands)
     failures = {node: result for node, result in results.items() if isinstance(result, Exception)}
+    acted = any(plan[node][0] or plan[node][1] for node in plan if node not in failures)
     for node, result in results.items():
         if isinstance(result, NodeError):
             failed_actions[node] = describe(result)
@@ -681,6 +734,11 @@ def reconcile(observed, desired):
             failed_actions.pop(node, None)
     for node, (to_start, to_stop, _) in plan.items():
         ok = node not in failures
+        decide("reconcile", node=node, ok=ok, error=describe(failures[node]) if not ok else None,
+               should_run=[name for name, assigned in desired.items() if assigned == node][:LIST_LIMIT],
+               ran=[cut_text(name) for name in observed[node][:LIST_LIMIT]],
+               ran_count=len(observed[node]), start=to_start[:LIST_LIMIT],
+               stop=[cut_text(name) for name in to_stop[:LIST_LIMIT]], stop_count=len(to_stop))
         for name in to_stop[:LIST_LIMIT]:
             say("stop", action="stop", ok=ok, name=shown(name), node=node)
         if len(to_stop) > LIST_LIMIT:
@@ -689,36 +747,40 @@ def reconcile(observed, desired):
             say("start", action="start", ok=ok, name=name, node=node)
         if not ok:
             say("actions_failed", node=node, error=describe(failures[node]))
-    return failures
+    return failures, acted
 
 
 def run_tick(trigger):
-    """One pass of the control loop: the five steps of the lesson."""
+    """One pass of the control loop: the five steps of the lesson. Returns True if it acted."""
     begin_tick(trigger)
 
     say("step_1")  # OBSERVE what really runs (the kubelets report it)
-    observed, live_nodes, conditions = get_current_state()
+    observed = get_current_state()
 
     say("step_2")  # READ what the users declared (the API server's objects)
     declared = get_desired_state()
 
     say("step_3")  # CLEANUP dead nodes (the node lifecycle controller)
-    desired, orphans = cleanup_dead_nodes(declared, live_nodes)
-    explain_cleanup(orphans, conditions)
+    # A node in its grace period keeps its containers: it may only be cut off.
+    holding_nodes = observed.live_nodes + list(observed.waiting)
+    desired, orphans = cleanup_dead_nodes(declared, holding_nodes)
+    explain_cleanup(orphans, observed)
 
     say("step_4")  # SCHEDULE what has no node (kube-scheduler)
-    desired, placements = schedule(desired, live_nodes)
-    for name, node in placements:
+    desired, placements = schedule(desired, observed.live_nodes)
+    for name, node, loads in placements:
         say("schedule", action="schedule", name=name, node=node)
+        decide("schedule", name=name, node=node, loads=loads)
     unscheduled = [name for name, node in desired.items() if node is None]
     for name in unscheduled:
         say("unschedulable", name=name)
     desired = save_assignments(declared, desired)  # steps 3 and 4 go into the file
 
     say("step_5")  # RECONCILE: diff, then act (every controller's sync)
-    failures = reconcile(observed, desired)
+    failures, acted = reconcile(observed.running, desired)
 
     end_tick(failures, unscheduled)
+    return acted
 
 
 # ---------------------------------------------------------------------------
@@ -762,13 +824,15 @@ class LoopTimer:
             self.steps_requested += 1
             self.condition.notify_all()
 
-    def wait_for_next_tick(self):
-        """Sleep until the next tick is due; return why it runs ('timer', 'wake', 'step'), or None at shutdown.
+    def wait_for_next_tick(self, check_soon=False):
+        """Sleep until the next tick is due; return why it runs, or None at shutdown.
 
-        The timer runs on time.monotonic(), which only goes forward: if the
+        Why: 'timer', 'wake' (an API change), 'step' (the teacher's), or
+        'requeue' (check_soon: the last tick acted, check its work soon). The
+        timer runs on time.monotonic(), which only goes forward: if the
         laptop's clock is set back an hour, the loop still ticks on time."""
         with self.condition:
-            deadline = time.monotonic() + TICK_SECONDS
+            deadline = time.monotonic() + (REQUEUE_SECONDS if check_soon else TICK_SECONDS)
             was_paused = False
             while not shutting_down.is_set():
                 if self.paused:
@@ -790,7 +854,7 @@ class LoopTimer:
                     self.woken = False
                     return "wake"
                 if time.monotonic() >= deadline:
-                    return "timer"
+                    return "requeue" if check_soon else "timer"
                 self.condition.wait(deadline - time.monotonic())
             return None
 
@@ -808,13 +872,16 @@ def control_loop():
     """The control loop: tick, wait, tick again, until the process is stopped."""
     trigger = "start"
     while True:
+        acted = False
         try:
-            run_tick(trigger)
+            acted = run_tick(trigger)
         except ShuttingDown:
             return
         except Exception as error:  # nothing short of a shutdown ends the loop
             fail_tick(error)
-        trigger = loop_timer.wait_for_next_tick()
+        # A tick that acted is checked soon after, once (a check that acts again
+        # waits for the timer: a node that keeps changing cannot make us spin).
+        trigger = loop_timer.wait_for_next_tick(check_soon=acted and trigger != "requeue")
         if trigger is None:  # shutting down
             return
 
@@ -828,7 +895,8 @@ status_lock = threading.Lock()
 
 def unobserved_node():
     return {"condition": "Unknown", "reason": None, "up": False, "containers": [],
-            "container_count": 0, "last_seen": None, "since": None, "error": None}
+            "container_count": 0, "last_seen": None, "since": None, "error": None,
+            "eviction_in": None, "eviction_at": None}
 
 
 node_status = {node: unobserved_node() for node in NODES}
@@ -841,18 +909,20 @@ current_tick = None  # the tick being logged; only the loop thread touches it
 MAX_LINES_KEPT = 200  # per step of a tick, for the page: the log itself has them all
 
 
-def remember_observation(observed, conditions):
+def remember_observation(observation):
     """Keep what step 1 saw for the API: each node's condition and what it ran (cut to LIST_LIMIT)."""
     now = time.time()
     with status_lock:
-        for node, (condition, reason) in conditions.items():
+        for node, (condition, reason) in observation.conditions.items():
             status = node_status[node]
             if status["since"] is None or status["condition"] != condition:
                 status["since"] = now
+            silent_for, eviction_in = observation.waiting.get(node, (None, None))
             status.update(condition=condition, reason=reason, up=condition == "Ready",
-                          error=reason)
-            if node in observed:
-                names = observed[node]
+                          error=reason, eviction_in=eviction_in and round(eviction_in, 1),
+                          eviction_at=eviction_in and now + eviction_in)
+            if node in observation.running:
+                names = observation.running[node]
                 status.update(containers=[cut_text(name) for name in names[:LIST_LIMIT]],
                               container_count=len(names), last_seen=now)
                 running_names[node] = set(names)
@@ -862,9 +932,10 @@ def begin_tick(trigger):
     global current_tick, tick_count
     tick_count += 1
     current_tick = {"number": tick_count, "mode": trigger, "started_at": time.time(),
-                    "steps": [], "actions": [], "lines_dropped": 0}
+                    "steps": [], "actions": [], "lines_dropped": 0,
+                    "decisions": {"cleanup": [], "schedule": [], "reconcile": []}}
     emit("\n" + "=" * 70)
-    say("tick_" + trigger if trigger in ("wake", "step") else "tick",
+    say("tick_" + trigger if trigger in ("wake", "step", "requeue") else "tick",
         time=time.strftime("%H:%M:%S"))
     emit("=" * 70)
 
@@ -902,19 +973,28 @@ def fail_tick(error):
 
 
 def container_views(desired):
-    """The API's view of each container: name, node and status."""
+    """The API's view of each container: name, node, status, and where else it may run.
+
+    Status: running (seen on its node), pending (not seen there yet), unknown
+    (its node does not answer: nobody knows), unscheduled (no node yet).
+    also_on: unreachable nodes that still listed it when last seen: after a
+    partition it may be running there too, twice."""
     with status_lock:
-        seen = {node: running_names[node] for node, status in node_status.items()
-                if status["up"]}
+        conditions = {node: status["condition"] for node, status in node_status.items()}
+        seen = {node: running_names[node] for node in node_status}
     views = []
     for name, node in desired.items():
         if node is None:
             status = "unscheduled"
-        elif name in seen.get(node, ()):
+        elif conditions.get(node) == "Unknown":
+            status = "unknown"
+        elif conditions.get(node) == "Ready" and name in seen[node]:
             status = "running"
         else:
             status = "pending"
-        views.append({"name": name, "node": node, "status": status})
+        also_on = [other for other in NODES if other != node and conditions[other] == "Unknown"
+                   and name in seen[other]]
+        views.append({"name": name, "node": node, "status": status, "also_on": also_on})
     return views
 
 
@@ -1030,7 +1110,9 @@ def state():
     with status_lock:
         ticks = list(recent_ticks)
     # "now": the page counts down to next_tick_at on the controller's clock, not its own.
-    return jsonify(now=time.time(), nodes=node_views(), containers=container_views(desired),
+    return jsonify(now=time.time(), utc_offset=time.localtime().tm_gmtoff, lang=LOG_LANG,
+                   grace_seconds=NODE_GRACE_SECONDS,
+                   nodes=node_views(), containers=container_views(desired),
                    ticks=ticks, loop=loop_timer.status(),
                    invalid_lines=[{"number": n, "line": cut_text(line), "reason": r}
                                   for n, line, r in problems[:LIST_LIMIT]],
@@ -1050,11 +1132,13 @@ MESSAGES = {
         "tick": "TICK - {time}",
         "tick_wake": "TICK - {time} (woken by an API change)",
         "tick_step": "TICK - {time} (one step, loop paused)",
+        "tick_requeue": "TICK - {time} (checking the last actions)",
         "step_1": "\n1️⃣  OBSERVE the current state (SSH to the nodes)",
         "node_up": "  ✓ {node}: {containers}",
         "node_empty": "  - {node}: empty",
         "node_down": "  ⚠️  {node}: unavailable",
         "node_not_ready": "  ⚠️  {node}: not ready ({reason})",
+        "node_waiting": "  ⚠️  {node}: unavailable for {silent:.0f} s, eviction in {left:.0f} s",
         "running_count": "   → {containers} running on {nodes}",
         "step_2": "\n2️⃣  READ the desired state",
         "bad_line": "  ⚠️  {file} line {number} ignored: {line!r} ({reason})",
@@ -1096,11 +1180,13 @@ MESSAGES = {
         "tick": "TICK - {time}",
         "tick_wake": "TICK - {time} (réveillé par l'API)",
         "tick_step": "TICK - {time} (un pas, boucle en pause)",
+        "tick_requeue": "TICK - {time} (vérification des dernières actions)",
         "step_1": "\n1️⃣  OBSERVER l'état actuel (SSH sur les noeuds)",
         "node_up": "  ✓ {node}: {containers}",
         "node_empty": "  - {node}: vide",
         "node_down": "  ⚠️  {node}: indisponible",
         "node_not_ready": "  ⚠️  {node}: pas prêt ({reason})",
+        "node_waiting": "  ⚠️  {node}: indisponible depuis {silent:.0f} s, éviction dans {left:.0f} s",
         "running_count": "   → {containers} tournent sur {nodes}",
         "step_2": "\n2️⃣  RÉCUPÉRER l'état désiré",
         "bad_line": "  ⚠️  {file} ligne {number} ignorée : {line!r} ({reason})",
@@ -1174,6 +1260,14 @@ def say(key, action=None, ok=True, **values):
     if action and len(current_tick["actions"]) < MAX_LINES_KEPT:
         current_tick["actions"].append(
             {"kind": action, "name": values["name"], "node": values["node"], "ok": ok})
+
+
+def decide(step, **decision):
+    """Record one decision of this tick, as data, for the page (which explains it)."""
+    if current_tick is not None and not current_tick.get("finished_at"):
+        decisions = current_tick["decisions"][step]
+        if len(decisions) < MAX_LINES_KEPT:
+            decisions.append(decision)
 
 
 def count_of(count, unit):

@@ -33,7 +33,7 @@ def client(desired_file):
 def observe(answers):
     """Remember what step 1 would have seen: {node: [names] or the exception it raised}."""
     observed = {node: answer for node, answer in answers.items() if not isinstance(answer, Exception)}
-    c.remember_observation(observed, c.node_conditions(answers, {}))
+    c.remember_observation(c.Observation(observed, [], {}, c.node_conditions(answers, {})))
 
 
 def post(client, body, **kwargs):
@@ -46,7 +46,7 @@ def post(client, body, **kwargs):
 def test_post_declares_an_unscheduled_container(client, desired_file):
     response = post(client, {"name": "nginx"}, content_type="application/json")
     assert response.status_code == 201
-    assert response.get_json() == {"name": "nginx", "node": None, "status": "unscheduled"}
+    assert response.get_json() == {"name": "nginx", "node": None, "status": "unscheduled", "also_on": []}
     assert desired_file.read_text() == "# header\nnginx\n"
 
 
@@ -105,23 +105,31 @@ def test_get_lists_every_container_with_its_status(client, desired_file):
     response = client.get("/api/containers")
     assert response.status_code == 200
     assert response.get_json() == [
-        {"name": "nginx", "node": "node-1", "status": "running"},
-        {"name": "redis", "node": "node-2", "status": "pending"},
-        {"name": "mysql", "node": None, "status": "unscheduled"}]
+        {"name": "nginx", "node": "node-1", "status": "running", "also_on": []},
+        {"name": "redis", "node": "node-2", "status": "pending", "also_on": []},
+        {"name": "mysql", "node": None, "status": "unscheduled", "also_on": []}]
 
 
-def test_a_container_on_a_down_node_is_not_running(client, desired_file):
+def test_a_container_on_a_node_that_does_not_answer_is_unknown(client, desired_file):
     desired_file.write_text("nginx:node-1\n")
     observe({"node-1": ["nginx"]})
     observe({"node-1": ConnectionRefusedError()})
-    assert client.get("/api/containers/nginx").get_json()["status"] == "pending"
+    assert client.get("/api/containers/nginx").get_json()["status"] == "unknown"
+
+
+def test_a_container_last_seen_on_an_unreachable_node_may_run_twice(client, desired_file):
+    desired_file.write_text("app1:node-2\n")  # moved to node-2 while node-1 was cut off
+    observe({"node-1": ["app1"], "node-2": [], "node-3": []})
+    observe({"node-1": TimeoutError(), "node-2": ["app1"], "node-3": []})
+    view = client.get("/api/containers/app1").get_json()
+    assert view["status"] == "running" and view["also_on"] == ["node-1"]
 
 
 def test_get_one_container(client, desired_file):
     desired_file.write_text("nginx:node-2\n")
     response = client.get("/api/containers/nginx")
     assert response.status_code == 200
-    assert response.get_json() == {"name": "nginx", "node": "node-2", "status": "pending"}
+    assert response.get_json() == {"name": "nginx", "node": "node-2", "status": "unknown", "also_on": []}
 
 
 @pytest.mark.parametrize("name", ["ghost", "Bad%20Name", "a;b"])
@@ -323,7 +331,7 @@ def test_state_has_nodes_containers_ticks_and_loop(running_loop, desired_file):
     desired_file.write_text("nginx\nBad Name\n")
     assert wait_until(lambda: len(ticks()) >= 1)
     state = running_loop.get("/api/state").get_json()
-    assert state["containers"] == [{"name": "nginx", "node": None, "status": "unscheduled"}]
+    assert state["containers"] == [{"name": "nginx", "node": None, "status": "unscheduled", "also_on": []}]
     assert state["invalid_lines"] == [{"number": 2, "line": "Bad Name", "reason": "not a valid name"}]
     assert state["loop"]["tick_seconds"] == 0.3
     tick = state["ticks"][-1]

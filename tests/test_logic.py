@@ -238,13 +238,15 @@ def test_seed_failure_demo_moves_app1_to_node2_and_app4_to_node3():
     desired, orphans = c.cleanup_dead_nodes(desired, ["node-2", "node-3"])
     desired, placements = c.schedule(desired, ["node-2", "node-3"])
     assert orphans == [("app1", "node-1"), ("app4", "node-1")]
-    assert placements == [("app1", "node-2"), ("app4", "node-3")]
+    assert [(name, node) for name, node, _ in placements] == [("app1", "node-2"), ("app4", "node-3")]
 
 
 def test_new_containers_fill_the_least_loaded_node_first():
     desired = {"a": "node-1", "b": "node-1", "c": "node-2", "new1": None, "new2": None}
     _, placements = c.schedule(desired, NODES)
-    assert placements == [("new1", "node-3"), ("new2", "node-2")]
+    assert placements == [("new1", "node-3", {"node-1": 2, "node-2": 1, "node-3": 0}),
+                          ("new2", "node-2", {"node-1": 2, "node-2": 1, "node-3": 1})], \
+        "each placement carries the loads it compared"
 
 
 def test_with_no_live_node_containers_stay_unscheduled():
@@ -259,7 +261,9 @@ def test_after_cleanup_and_schedule_every_container_is_on_exactly_one_live_node(
     scheduled, placements = c.schedule(cleaned, live_nodes)
     assert list(scheduled) == list(desired)
     assert all(node in live_nodes for node in scheduled.values())
-    assert [name for name, _ in placements] == [n for n, node in cleaned.items() if node is None]
+    assert [name for name, _, _ in placements] == [n for n, node in cleaned.items() if node is None]
+    for name, node, loads in placements:
+        assert loads[node] == min(loads.values()), "placed on a least loaded node"
 
 
 @given(st.lists(names, unique=True), st.lists(st.sampled_from(NODES), min_size=1, unique=True))
@@ -528,3 +532,53 @@ def test_a_rewritten_node_file_keeps_its_owner(node_shell, tmp_path):
     os.chown(path, 1234, 1234)
     converge(node_shell, tmp_path, None, ["nginx"])
     assert path.read_text() == "nginx\n" and os.stat(path).st_uid == 1234
+
+
+# --- grace periods: a node that does not answer may only be cut off ------------------------
+
+def test_with_no_grace_period_a_silent_node_is_evicted_at_once():
+    conditions = {"node-1": ("Unknown", "no answer")}
+    assert c.grace_periods(conditions, {"node-1": 99.0}, 100.0, grace=0) == {}
+
+
+def test_within_its_grace_period_a_silent_node_keeps_its_containers():
+    conditions = {"node-1": ("Unknown", "no answer"), "node-2": ("Ready", None)}
+    waiting = c.grace_periods(conditions, {"node-1": 88.0, "node-2": 100.0}, 100.0, grace=30)
+    assert waiting == {"node-1": (12.0, 18.0)}
+    cleaned, orphans = c.cleanup_dead_nodes({"app1": "node-1", "app2": "node-2"},
+                                            ["node-2"] + list(waiting))
+    assert cleaned == {"app1": "node-1", "app2": "node-2"} and orphans == []
+
+
+def test_after_its_grace_period_a_silent_node_is_evicted():
+    conditions = {"node-1": ("Unknown", "no answer")}
+    assert c.grace_periods(conditions, {"node-1": 69.0}, 100.0, grace=30) == {}
+
+
+def test_a_not_ready_node_gets_no_grace_period():
+    conditions = {"node-1": ("NotReady", "sed: not found")}
+    assert c.grace_periods(conditions, {"node-1": 99.0}, 100.0, grace=30) == {}
+
+
+@given(st.dictionaries(st.sampled_from(NODES), st.sampled_from(["Ready", "NotReady", "Unknown"]),
+                       min_size=3),
+       st.dictionaries(st.sampled_from(NODES), st.floats(0, 100), min_size=3),
+       st.floats(0, 60), st.dictionaries(names, st.sampled_from([None] + NODES)))
+def test_grace_keeps_only_silent_nodes_work_and_schedules_only_on_ready_nodes(
+        condition_of, silent_for, grace, declared):
+    conditions = {node: (condition_of[node], None) for node in NODES}
+    now = 1000.0
+    waiting = c.grace_periods(conditions, {n: now - silent_for[n] for n in NODES}, now, grace)
+    assert all(conditions[n][0] == "Unknown" and silent < grace and left == grace - silent
+               for n, (silent, left) in waiting.items())
+    assert all(n in waiting for n in NODES
+               if conditions[n][0] == "Unknown" and silent_for[n] < grace - 1e-6), \
+        "every silent node within its grace period waits"
+    live = [n for n in NODES if conditions[n][0] == "Ready"]
+    cleaned, _ = c.cleanup_dead_nodes(declared, live + list(waiting))
+    scheduled, placements = c.schedule(cleaned, live)
+    for name, node in declared.items():
+        if node in waiting:
+            assert scheduled[name] == node, "a node in its grace period keeps its containers"
+    assert all(node in live for _, node, _ in placements), "new placements only on Ready nodes"
+    assert all(node is None or node in live or node in waiting for node in scheduled.values())
