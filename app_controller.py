@@ -25,6 +25,7 @@ What this toy leaves out on purpose, and who does the job in Kubernetes:
     does not answer within SSH_TIMEOUT is down for that tick.
 """
 
+import hmac
 import logging
 import os
 import re
@@ -68,8 +69,13 @@ NODE_STATE_DIR = os.environ.get("NODE_STATE_DIR", "/app/nodes")
 DESIRED_STATE_FILE = os.environ.get("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "5"))
-API_HOST = os.environ.get("API_HOST", "0.0.0.0")
+# Loopback by default: only this machine can reach the API until you decide
+# otherwise (docker-compose.yml sets 0.0.0.0 inside the controller's container).
+API_HOST = os.environ.get("API_HOST", "127.0.0.1")
 API_PORT = int(os.environ.get("API_PORT", "8080"))
+# Unset (or empty): anyone who reaches the API may change the cluster. Set: every
+# change needs "Authorization: Bearer <API_TOKEN>"; reading stays open to all.
+API_TOKEN = os.environ.get("API_TOKEN") or None
 LOG_LANG = os.environ.get("LOG_LANG", "en")
 
 # A container name is a DNS-1123 label, as for Kubernetes objects: lowercase
@@ -689,6 +695,30 @@ def unexpected_error(error):
     return jsonify(error=f"internal error: {describe(error)}"), 500
 
 
+# Who may change the cluster. Kubernetes asks two questions of every request:
+# who are you (authentication: here, do you hold the bearer token?) and may you
+# do this (authorization: here, whoever holds it may do everything). Reading
+# stays open, so a whole class can watch the loop without the token.
+READ_ONLY_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+@api.before_request
+def require_token_to_write():
+    """Refuse a request that changes something unless it carries the API_TOKEN (when one is set)."""
+    if API_TOKEN is None or request.method in READ_ONLY_METHODS:
+        return None  # None: Flask goes on to the route
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest takes as long for a near miss as for a far one, so the
+    # response time does not tell an attacker how many characters were right.
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), API_TOKEN.encode()):
+        return None
+    problem = "wrong token" if given else "no token"
+    # The answer says how to send a token, never anything about the token itself.
+    return (jsonify(error=f'{problem}: changing the cluster needs the header '
+                          f'"Authorization: Bearer <token>" (the controller\'s API_TOKEN)'),
+            401, {"WWW-Authenticate": "Bearer"})
+
+
 @api.post("/api/containers")
 def create_container():
     # force=True: a curl without "Content-Type: application/json" still works.
@@ -770,8 +800,9 @@ def state():
     with status_lock:
         ticks = list(recent_ticks)
     # "now": the page counts down to next_tick_at on the controller's clock, not its own.
+    # token_required: the page shows whether it may write, without knowing the token.
     return jsonify(now=time.time(), nodes=node_views(), containers=container_views(desired),
-                   ticks=ticks, loop=loop_timer.status(),
+                   ticks=ticks, loop=loop_timer.status(), token_required=API_TOKEN is not None,
                    invalid_lines=[{"number": n, "line": line, "reason": r} for n, line, r in problems])
 
 
@@ -812,6 +843,8 @@ MESSAGES = {
         "paused": "\n⏸  Loop paused: no tick until step or resume (POST /api/loop/step or /resume)",
         "resumed": "\n⏯  Loop resumed",
         "started": "pull-mode controller: API on http://{host}:{port}, nodes {nodes}, a tick every {tick:g} s",
+        "started_token": "pull-mode controller: API on http://{host}:{port} (writes need a token), "
+                         "nodes {nodes}, a tick every {tick:g} s",
         "stopped": "pull-mode controller stopped",
     },
     "fr": {
@@ -842,6 +875,8 @@ MESSAGES = {
         "paused": "\n⏸  Boucle en pause : aucun tick avant step ou resume (POST /api/loop/step ou /resume)",
         "resumed": "\n⏯  Boucle relancée",
         "started": "contrôleur pull-mode : API sur http://{host}:{port}, noeuds {nodes}, un tick toutes les {tick:g} s",
+        "started_token": "contrôleur pull-mode : API sur http://{host}:{port} (les écritures demandent un jeton), "
+                         "noeuds {nodes}, un tick toutes les {tick:g} s",
         "stopped": "contrôleur pull-mode arrêté",
     },
 }
@@ -886,6 +921,9 @@ def check_configuration():
     for node in NODES:
         if not is_valid_name(node):
             sys.exit(f"NODES: {node!r} is not a valid node name")
+    # An HTTP header cannot carry every character; say so without showing the token.
+    if API_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", API_TOKEN):
+        sys.exit("API_TOKEN must be printable ASCII without spaces (openssl rand -hex 16 makes one)")
 
 
 def main():
@@ -898,7 +936,8 @@ def main():
     server = make_server(API_HOST, API_PORT, api, threaded=True)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                      name="api", daemon=True).start()
-    say("started", host=API_HOST, port=API_PORT, nodes=", ".join(NODES), tick=TICK_SECONDS)
+    say("started_token" if API_TOKEN else "started", host=API_HOST, port=API_PORT,
+        nodes=", ".join(NODES), tick=TICK_SECONDS)
 
     def stop(signum, frame):
         shutting_down.set()
