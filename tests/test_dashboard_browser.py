@@ -14,6 +14,7 @@ UPDATE_SCREENSHOT=1 also writes docs/dashboard.png, the README's picture.
 """
 
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -84,7 +85,9 @@ const ticks = [...document.querySelectorAll('#ticks [data-tick]')].map(t => ({
 const loop = one('#loop').dataset;
 return {nodes, containers, intruders, ticks, paused: loop.paused === 'true', tick_count: +loop.tickCount,
         countdown: one('#countdown').textContent,
-        error: one('#error').hidden ? null : one('#error-text').textContent};
+        error: one('#error').hidden ? null : one('#error-text').textContent,
+        mode: one('#auth').dataset.mode,
+        asking_token: one('#token-form').hidden ? null : one('#token-reason').textContent};
 """
 
 
@@ -115,6 +118,12 @@ class Page:
         field.clear()
         field.send_keys(name)
         self.driver.find_element(By.ID, "add-button").click()
+
+    def enter_token(self, token):
+        field = self.driver.find_element(By.ID, "token-input")
+        field.clear()
+        field.send_keys(token)
+        self.driver.find_element(By.ID, "token-submit").click()
 
     def click(self, css):
         wait_until(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click() or True,
@@ -209,6 +218,7 @@ def test_page_shows_the_nodes_the_loop_and_the_five_steps(page):
     assert sorted(snapshot["nodes"]) == ["node-1", "node-2", "node-3"]
     assert all(n["handshakes"] >= 1 for n in snapshot["nodes"].values())
     assert not snapshot["paused"]
+    assert snapshot["mode"] == "open"  # no API_TOKEN: anyone may write
     assert snapshot["ticks"][0]["steps"] == [1, 2, 3, 4, 5]
     page.wait_for(lambda s: s["countdown"].startswith("next tick in"), "a countdown to the next tick")
 
@@ -347,3 +357,61 @@ def test_lively_screenshot_for_the_readme(driver, tmp_path):
         if os.environ.get("UPDATE_SCREENSHOT") == "1":
             README_SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copyfile(path, README_SCREENSHOT)
+
+
+def test_with_a_token_the_page_asks_for_it_on_a_401_then_writes(driver, tmp_path):
+    """API_TOKEN set: the page reads freely, a control answers 401, the page asks for the
+    token (a wrong one is refused), then the same write goes through and later ones too."""
+    token = secrets.token_hex(16)
+    with SshdCluster(3, base_dir=tmp_path / "cluster") as cluster, \
+            Controller(cluster, tick_seconds=TICK_SECONDS, ssh_timeout=SSH_TIMEOUT, work_dir=tmp_path,
+                       env={"API_TOKEN": token}) as ctl:
+        driver.get_log("browser")  # forget what earlier tests logged
+        page = Page(driver, ctl.base_url + "/").open()
+        snapshot = page.wait_for(lambda s: s["mode"] == "read-only", "the page in read-only mode")
+        assert snapshot["asking_token"] is None and snapshot["nodes"]  # reading needs no token
+
+        page.add("web")
+        snapshot = page.wait_for(lambda s: s["asking_token"], "the page asking for the token")
+        assert "401" in snapshot["asking_token"]
+        assert '"Authorization: Bearer <token>"' in snapshot["asking_token"]
+        assert page.driver.find_element(By.ID, "token-input").get_attribute("type") == "password"
+        assert ctl.get("/api/containers") == (200, [])  # the 401 wrote nothing
+        page.screenshot("token-asked")
+
+        page.enter_token("not-the-token")
+        page.wait_for(lambda s: s["asking_token"] and s["asking_token"].startswith(
+            "POST /api/containers → 401: wrong token"), "asked again after a wrong token")
+        assert ctl.get("/api/containers") == (200, [])
+
+        page.enter_token(token)
+        page.wait_for(lambda s: status_of("web")(s) == "running", "web, added with the token, running")
+        snapshot = page.snapshot()
+        assert snapshot["mode"] == "write" and snapshot["asking_token"] is None and snapshot["error"] is None
+        assert page.driver.find_element(By.ID, "add-name").get_attribute("value") == ""
+        assert cluster[snapshot["containers"]["web"]["node"]].running == ["web"]
+
+        # Asked once: the next controls write at once, the token kept for the tab, shown nowhere.
+        page.click("#btn-pause")
+        page.wait_for(lambda s: s["paused"], "the loop paused from the page")
+        assert ctl.get("/api/loop")[1]["paused"] is True
+        page.click('button[data-delete="web"]')
+        page.wait_for(lambda s: "web" not in s["containers"], "web deleted from the page")
+        assert page.snapshot()["asking_token"] is None
+        assert page.driver.execute_script("return sessionStorage.getItem('pull-mode-api-token')") == token
+        assert token not in page.driver.current_url
+        assert token not in page.driver.find_element(By.TAG_NAME, "body").text
+        page.screenshot("token-allowed")
+
+        page.click('#auth[data-mode="write"]')  # forget the token: read-only, as a student's tab is
+        page.wait_for(lambda s: s["mode"] == "read-only", "read-only again after forgetting the token")
+        page.click("#btn-resume")
+        page.wait_for(lambda s: s["asking_token"], "asked again once the token is forgotten")
+        assert ctl.get("/api/loop")[1]["paused"] is True
+        page.click("#token-cancel")
+        snapshot = page.wait_for(lambda s: s["error"], "the 401 shown as an error after cancel")
+        assert "401" in snapshot["error"] and snapshot["asking_token"] is None
+
+    assert token not in ctl.log() + "\n".join(ctl.stderr_lines)
+    errors = [entry["message"] for entry in driver.get_log("browser") if entry["source"] == "javascript"]
+    assert not errors, errors
