@@ -103,6 +103,8 @@ def clean(stack):
         if container.status != "running":
             container.start()
     wait_until(lambda: all(stack.running(node) is not None for node in NODES), "all nodes up")
+    # The previous test may have just recreated the controller (`docker compose up -d`).
+    wait_until(lambda: requests.get(f"{API}/healthz", timeout=2).status_code == 200, "the API answers")
     for name in api_names():
         requests.delete(f"{API}/api/containers/{name}", timeout=5).raise_for_status()
     wait_until(lambda: placement(stack) == {node: [] for node in NODES} and not api_names(),
