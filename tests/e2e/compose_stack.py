@@ -23,7 +23,7 @@ def record(what, seconds):
 def copy_checkout(destination):
     """Copy what the stack needs, with a fresh nodes/ and the checkout's desired_state.txt."""
     ignore = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache",
-                                    ".hypothesis", "nodes", "tests")
+                                    ".hypothesis", "nodes", "tests", ".env")
     shutil.copytree(REPO, destination, ignore=ignore, symlinks=True)
     (destination / "nodes").mkdir()
     (destination / "nodes" / ".gitkeep").touch()

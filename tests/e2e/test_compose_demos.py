@@ -376,6 +376,18 @@ def test_with_api_token_writes_need_the_bearer_header_and_reads_stay_open(clean)
         assert token not in log
         assert stack.container("controller").attrs["HostConfig"]["PortBindings"] == {
             "8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]}
+
+        # The README's way to keep a token across `docker compose up`: a .env file.
+        kept = secrets.token_hex(16)
+        stack.sh(f'echo "API_TOKEN={kept}" > .env')
+        stack.sh("docker compose up -d")
+        wait_until(lambda: requests.post(f"{API}/api/loop/pause", timeout=2).status_code == 401
+                   and requests.post(f"{API}/api/loop/pause", timeout=2,
+                                     headers={"Authorization": f"Bearer {kept}"}).status_code == 200,
+                   "the controller recreated with the token of .env")
+        assert requests.post(f"{API}/api/loop/resume", timeout=5,
+                             headers={"Authorization": f"Bearer {kept}"}).status_code == 200
+        assert kept not in stack.controller_log()
     finally:
-        stack.sh("docker compose up -d")  # back to no token, as the other demos expect
+        stack.sh("rm -f .env; docker compose up -d")  # back to no token, as the other demos expect
         wait_until(lambda: token_required() is False, "the controller back, without a token")
