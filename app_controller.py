@@ -26,6 +26,7 @@ What this toy leaves out on purpose, and who does the job in Kubernetes:
 """
 
 import errno
+import hmac
 import logging
 import math
 import os
@@ -57,13 +58,15 @@ from werkzeug.serving import make_server
 configuration_errors = []
 
 
-def setting(variable, default, parse):
-    """The environment variable parsed by parse(); on a bad value, note why and use the default."""
+def setting(variable, default, parse, secret=False):
+    """The environment variable parsed by parse(); on a bad value, note why and use the default.
+
+    A secret's value is never repeated in the message."""
     raw = os.environ.get(variable, default)
     try:
         return parse(raw)
     except ValueError as error:
-        configuration_errors.append(f"{variable}={raw!r}: {error}")
+        configuration_errors.append(f"{variable}{'' if secret else '=' + repr(raw)}: {error}")
         return parse(default)
 
 
@@ -131,6 +134,13 @@ def language(text):
     return text
 
 
+def token(text):
+    """A bearer token: what an HTTP header can carry (openssl rand -hex 16 makes one)."""
+    if text and not re.fullmatch(r"[\x21-\x7e]+", text):
+        raise ValueError("must be printable ASCII without spaces (openssl rand -hex 16 makes one)")
+    return text or None
+
+
 # A container name is a DNS-1123 label, as for Kubernetes objects: lowercase
 # letters, digits and '-', alphanumeric at both ends, at most 63 characters.
 # It also makes every name safe to put in a shell command and a sed pattern.
@@ -152,8 +162,13 @@ DESIRED_STATE_FILE = os.environ.get("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 # (Not below 0.1 s: a loop that never sleeps would only heat the laptop.)
 TICK_SECONDS = setting("TICK_SECONDS", "5", number(low=0.1))
-API_HOST = os.environ.get("API_HOST", "0.0.0.0")
+# Loopback by default: only this machine can reach the API until you decide
+# otherwise (docker-compose.yml sets 0.0.0.0 inside the controller's container).
+API_HOST = os.environ.get("API_HOST", "127.0.0.1")
 API_PORT = setting("API_PORT", "8080", port)
+# Unset (or empty): anyone who reaches the API may change the cluster. Set: every
+# change needs "Authorization: Bearer <API_TOKEN>"; reading stays open to all.
+API_TOKEN = setting("API_TOKEN", "", token, secret=True)
 LOG_LANG = setting("LOG_LANG", "en", language)
 # How long a node that does not answer keeps its containers before they move.
 # 0, the seed's choice: at the first missed observation. Kubernetes waits 50 s
@@ -1022,6 +1037,30 @@ def unexpected_error(error):
     return jsonify(error=f"internal error: {describe(error)}"), 500
 
 
+# Who may change the cluster. Kubernetes asks two questions of every request:
+# who are you (authentication: here, do you hold the bearer token?) and may you
+# do this (authorization: here, whoever holds it may do everything). Reading
+# stays open, so a whole class can watch the loop without the token.
+READ_ONLY_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+@api.before_request
+def require_token_to_write():
+    """Refuse a request that changes something unless it carries the API_TOKEN (when one is set)."""
+    if API_TOKEN is None or request.method in READ_ONLY_METHODS:
+        return None  # None: Flask goes on to the route
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest takes as long for a near miss as for a far one, so the
+    # response time does not tell an attacker how many characters were right.
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), API_TOKEN.encode()):
+        return None
+    problem = "wrong token" if given else "no token"
+    # The answer says how to send a token, never anything about the token itself.
+    return (jsonify(error=f'{problem}: changing the cluster needs the header '
+                          f'"Authorization: Bearer <token>" (the controller\'s API_TOKEN)'),
+            401, {"WWW-Authenticate": "Bearer"})
+
+
 @api.post("/api/containers")
 def create_container():
     # force=True: a curl without "Content-Type: application/json" still works.
@@ -1110,8 +1149,9 @@ def state():
     with status_lock:
         ticks = list(recent_ticks)
     # "now": the page counts down to next_tick_at on the controller's clock, not its own.
+    # token_required: the page shows whether it may write, without knowing the token.
     return jsonify(now=time.time(), utc_offset=time.localtime().tm_gmtoff, lang=LOG_LANG,
-                   grace_seconds=NODE_GRACE_SECONDS,
+                   grace_seconds=NODE_GRACE_SECONDS, token_required=API_TOKEN is not None,
                    nodes=node_views(), containers=container_views(desired),
                    ticks=ticks, loop=loop_timer.status(),
                    invalid_lines=[{"number": n, "line": cut_text(line), "reason": r}
@@ -1163,6 +1203,8 @@ MESSAGES = {
         "paused": "\n⏸  Loop paused: no tick until step or resume (POST /api/loop/step or /resume)",
         "resumed": "\n⏯  Loop resumed",
         "started": "pull-mode controller: API on http://{host}:{port}, nodes {nodes}, a tick every {tick:g} s",
+        "started_token": "pull-mode controller: API on http://{host}:{port} (writes need a token), "
+                         "nodes {nodes}, a tick every {tick:g} s",
         "stopped": "pull-mode controller stopped",
         "more": "… and {more} more",
         "more_unread": "… and more (only the first {size} of the file read)",
@@ -1211,6 +1253,8 @@ MESSAGES = {
         "paused": "\n⏸  Boucle en pause : aucun tick avant step ou resume (POST /api/loop/step ou /resume)",
         "resumed": "\n⏯  Boucle relancée",
         "started": "contrôleur pull-mode : API sur http://{host}:{port}, noeuds {nodes}, un tick toutes les {tick:g} s",
+        "started_token": "contrôleur pull-mode : API sur http://{host}:{port} (les écritures demandent un jeton), "
+                         "noeuds {nodes}, un tick toutes les {tick:g} s",
         "stopped": "contrôleur pull-mode arrêté",
         "more": "… et {more} de plus",
         "more_unread": "… et d'autres (seul le premier {size} du fichier est lu)",
@@ -1349,7 +1393,9 @@ def main():
     server = make_server(API_HOST, API_PORT, api, threaded=True)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                      name="api", daemon=True).start()
-    say("started", host=API_HOST if ":" not in API_HOST else f"[{API_HOST}]", port=API_PORT, nodes=", ".join(NODES), tick=TICK_SECONDS)
+    say("started_token" if API_TOKEN else "started",
+        host=API_HOST if ":" not in API_HOST else f"[{API_HOST}]", port=API_PORT,
+        nodes=", ".join(NODES), tick=TICK_SECONDS)
 
     def stop(signum, frame):
         shutting_down.set()

@@ -5,12 +5,18 @@ The desired state lives in a temporary file per test; no node is contacted here
 """
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import app_controller as c
+
+REPO_ROOT = Path(c.__file__).resolve().parent
 
 
 @pytest.fixture
@@ -337,3 +343,156 @@ def test_state_has_nodes_containers_ticks_and_loop(running_loop, desired_file):
     tick = state["ticks"][-1]
     assert [step["number"] for step in tick["steps"]] == [1, 2, 3, 4, 5]
     assert {"verdict", "converged", "duration_ms", "actions", "mode"} <= set(tick)
+
+
+# --- who may change the cluster: API_TOKEN ------------------------------------------------
+# With API_TOKEN set, every request that changes something needs
+# "Authorization: Bearer <token>"; reading stays open. Unset, nothing changes for anyone.
+
+TOKEN = "5f2b8c0e9a41d7366c1e0b2a4d9f8e71"
+
+# (method, path, body, status when allowed, loop paused before the request)
+WRITES = [
+    pytest.param("post", "/api/containers", {"name": "nginx"}, 201, False, id="POST-containers"),
+    pytest.param("delete", "/api/containers/redis", None, 200, False, id="DELETE-container"),
+    pytest.param("post", "/api/loop/pause", None, 200, False, id="POST-loop-pause"),
+    pytest.param("post", "/api/loop/step", None, 200, False, id="POST-loop-step"),
+    pytest.param("post", "/api/loop/resume", None, 200, True, id="POST-loop-resume"),
+]
+
+
+@pytest.fixture
+def locked(client, desired_file, monkeypatch):
+    """The test client against a controller started with API_TOKEN set; redis is declared."""
+    monkeypatch.setattr(c, "API_TOKEN", TOKEN)
+    desired_file.write_text("# header\nredis\n")
+    return client
+
+
+def what_a_write_can_change(desired_file):
+    """The declared state and the loop's controls: a refused write leaves all of it as it was."""
+    timer = c.loop_timer
+    return desired_file.read_text(), timer.paused, timer.steps_requested, timer.woken
+
+
+def send(client, method, path, body, authorization=None):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    return getattr(client, method)(path, headers=headers,
+                                   data=None if body is None else json.dumps(body))
+
+
+def assert_refused(response, before, desired_file):
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    error = response.get_json()["error"]
+    assert '"Authorization: Bearer <token>"' in error  # says how to send it...
+    assert TOKEN not in response.get_data(as_text=True)  # ...never what it is
+    assert what_a_write_can_change(desired_file) == before
+
+
+@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
+def test_a_write_without_a_token_is_a_401_and_changes_nothing(locked, desired_file, method, path,
+                                                               body, allowed_status, paused):
+    if paused:
+        c.loop_timer.pause()
+    before = what_a_write_can_change(desired_file)
+    response = send(locked, method, path, body)
+    assert_refused(response, before, desired_file)
+    assert response.get_json()["error"].startswith("no token")
+
+
+@pytest.mark.parametrize("authorization", [
+    "Bearer wrong", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Bearer {TOKEN.upper()}",
+    TOKEN, f"Basic {TOKEN}", f"Token {TOKEN}", "Bearer"])
+@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
+def test_a_write_with_a_wrong_token_is_a_401_and_changes_nothing(locked, desired_file, method, path, body,
+                                                                 allowed_status, paused, authorization):
+    if paused:
+        c.loop_timer.pause()
+    before = what_a_write_can_change(desired_file)
+    assert_refused(send(locked, method, path, body, authorization), before, desired_file)
+
+
+@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
+def test_a_write_with_the_right_token_is_done(locked, desired_file, method, path, body,
+                                              allowed_status, paused):
+    if paused:
+        c.loop_timer.pause()
+    before = what_a_write_can_change(desired_file)
+    response = send(locked, method, path, body, f"Bearer {TOKEN}")
+    assert response.status_code == allowed_status, response.get_json()
+    assert what_a_write_can_change(desired_file) != before
+
+
+@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
+def test_without_api_token_every_write_is_open_to_all(client, desired_file, method, path, body,
+                                                      allowed_status, paused):
+    assert c.API_TOKEN is None  # the default: every demo of the README works as written
+    desired_file.write_text("# header\nredis\n")
+    if paused:
+        c.loop_timer.pause()
+    before = what_a_write_can_change(desired_file)
+    response = send(client, method, path, body)
+    assert response.status_code == allowed_status, response.get_json()
+    assert what_a_write_can_change(desired_file) != before
+
+
+def test_the_bearer_scheme_is_case_insensitive(locked, desired_file):
+    response = send(locked, "post", "/api/containers", {"name": "nginx"}, f"bearer {TOKEN}")
+    assert response.status_code == 201
+    assert "nginx" in desired_file.read_text()
+
+
+def test_a_token_in_the_url_is_refused(locked, desired_file):
+    for query in (f"token={TOKEN}", f"access_token={TOKEN}", f"api_token={TOKEN}"):
+        response = locked.post(f"/api/containers?{query}", data=json.dumps({"name": "nginx"}))
+        assert response.status_code == 401
+    assert desired_file.read_text() == "# header\nredis\n"
+
+
+def test_any_other_write_method_needs_the_token_too(locked):
+    # Even a route that does not exist: an anonymous client learns nothing but "401".
+    for method, url in (("put", "/api/containers"), ("patch", "/api/containers/redis"),
+                        ("post", "/api/nodes"), ("post", "/api/loop/explode")):
+        response = getattr(locked, method)(url)
+        assert response.status_code == 401 and response.is_json
+
+
+@pytest.mark.parametrize("url", ["/api/containers", "/api/containers/redis", "/api/nodes",
+                                 "/api/loop", "/api/state", "/healthz", "/"])
+def test_reading_stays_open_with_a_token_set(locked, monkeypatch, url):
+    monkeypatch.setattr(c, "last_tick_finished", time.time())  # /healthz: a loop that ticks
+    assert locked.get(url).status_code == 200
+    assert locked.head(url).status_code == 200
+
+
+def test_state_says_whether_writes_need_a_token_without_showing_it(client, monkeypatch):
+    assert client.get("/api/state").get_json()["token_required"] is False
+    monkeypatch.setattr(c, "API_TOKEN", TOKEN)
+    response = client.get("/api/state")
+    assert response.get_json()["token_required"] is True
+    assert TOKEN not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("token", ["two words", " padded", "caf\u00e9", "tab\there"])
+def test_a_token_no_header_can_carry_stops_the_start_without_showing_it(tmp_path, token):
+    env = {**os.environ, "API_TOKEN": token, "DESIRED_STATE_FILE": str(tmp_path / "d.txt")}
+    result = subprocess.run([sys.executable, "app_controller.py"], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("pull-mode: bad setting API_TOKEN: must be printable ASCII "
+                                     "without spaces (openssl rand -hex 16 makes one)")
+    assert token.strip() not in result.stderr + result.stdout
+
+
+def test_by_default_there_is_no_token_and_the_api_listens_on_loopback_only():
+    """Outside compose nothing sets API_HOST; docker-compose.yml passes API_TOKEN: ${API_TOKEN:-},
+    so an unset token arrives as '': both mean "no token"."""
+    show = "import app_controller as c; print(repr(c.API_TOKEN), c.API_HOST)"
+    for token in (None, ""):
+        env = {key: value for key, value in os.environ.items() if key not in ("API_TOKEN", "API_HOST")}
+        if token is not None:
+            env["API_TOKEN"] = token
+        result = subprocess.run([sys.executable, "-c", show], env=env, cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=30, check=True)
+        assert result.stdout.split() == ["None", "127.0.0.1"]

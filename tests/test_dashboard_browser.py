@@ -14,6 +14,7 @@ UPDATE_SCREENSHOT=1 also writes docs/dashboard.png, the README's picture.
 """
 
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from sshd_nodes import SSHD, Controller, SshdCluster
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 except ImportError as error:
@@ -56,8 +57,8 @@ def wait_until(predicate, timeout=WAIT, interval=0.05, message="condition"):
     while time.monotonic() < deadline:
         try:
             value = predicate()
-        except StaleElementReferenceException:  # the page redrew under us: ask again
-            value = None
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None  # the page redrew under us, or has not drawn it yet: ask again
         if value:
             return value
         time.sleep(interval)
@@ -84,7 +85,9 @@ const ticks = [...document.querySelectorAll('#ticks [data-tick]')].map(t => ({
 const loop = one('#loop').dataset;
 return {nodes, containers, intruders, ticks, paused: loop.paused === 'true', tick_count: +loop.tickCount,
         countdown: one('#countdown').textContent,
-        error: one('#error').hidden ? null : one('#error-text').textContent};
+        error: one('#error').hidden ? null : one('#error-text').textContent,
+        mode: one('#auth').dataset.mode,
+        asking_token: one('#token-form').hidden ? null : one('#token-reason').textContent};
 """
 
 
@@ -115,6 +118,12 @@ class Page:
         field.clear()
         field.send_keys(name)
         self.driver.find_element(By.ID, "add-button").click()
+
+    def enter_token(self, token):
+        field = self.driver.find_element(By.ID, "token-input")
+        field.clear()
+        field.send_keys(token)
+        self.driver.find_element(By.ID, "token-submit").click()
 
     def click(self, css):
         wait_until(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click() or True,
@@ -209,11 +218,12 @@ def test_page_shows_the_nodes_the_loop_and_the_five_steps(page):
     assert sorted(snapshot["nodes"]) == ["node-1", "node-2", "node-3"]
     assert all(n["handshakes"] >= 1 for n in snapshot["nodes"].values())
     assert not snapshot["paused"]
+    assert snapshot["mode"] == "open"  # no API_TOKEN: anyone may write
     assert snapshot["ticks"][0]["steps"] == [1, 2, 3, 4, 5]
     page.wait_for(lambda s: s["countdown"].startswith("next tick in"), "a countdown to the next tick")
 
 
-def test_container_added_from_the_form_goes_pending_then_running(page, cluster):
+def test_container_added_from_the_form_goes_running(page, cluster):
     page.add("web")
     seen = []  # every status the page showed for web, in order
     def running():
@@ -222,7 +232,10 @@ def test_container_added_from_the_form_goes_pending_then_running(page, cluster):
             seen.append(status)
         return status == "running"
     wait_until(running, message="web running on the page")
-    assert "pending" in seen and seen.index("pending") < seen.index("running"), seen
+    # pending lasts about 0.3 s now (the requeue checks a START at once): the page,
+    # polling twice a second, may or may not catch it, but never goes backwards.
+    order = ["unscheduled", "pending", "running"]
+    assert seen == sorted(seen, key=order.index) and seen[-1] == "running", seen
     snapshot = page.snapshot()
     node = snapshot["containers"]["web"]["node"]
     assert snapshot["nodes"][node]["chips"] == {"web": "running"}
@@ -245,12 +258,18 @@ def test_bad_input_shows_the_api_error_on_the_page(page, ctl, name, expected_sta
     page.screenshot(f"error-{expected_status}")
 
 
-def test_intruder_is_highlighted_then_stopped(page, cluster):
+def test_intruder_is_highlighted_then_stopped(page, ctl, cluster):
+    # Paused, then one step: the tick that sees the intruder stops it, and the page
+    # keeps showing that observation until the loop resumes (a running loop checks
+    # its work 0.3 s later, quicker than the page polls).
+    assert ctl.post("/api/loop/pause")[0] == 200
     garbage = '<img src=x onerror="window.pwned=1">'
     with open(cluster["node-1"].state_file, "a") as file:
         file.write(f"intruder\n{garbage}\n")
+    assert ctl.post("/api/loop/step")[0] == 200
     snapshot = page.wait_for(lambda s: s["nodes"]["node-1"]["chips"].get("intruder") == "intruder",
                              "the intruder flagged on node-1")
+    assert ctl.post("/api/loop/resume")[0] == 200
     assert snapshot["nodes"]["node-1"]["chips"].get(garbage) == "intruder"  # shown as text
     assert "intruder" in snapshot["intruders"]
     page.screenshot("intruder")
@@ -347,3 +366,61 @@ def test_lively_screenshot_for_the_readme(driver, tmp_path):
         if os.environ.get("UPDATE_SCREENSHOT") == "1":
             README_SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copyfile(path, README_SCREENSHOT)
+
+
+def test_with_a_token_the_page_asks_for_it_on_a_401_then_writes(driver, tmp_path):
+    """API_TOKEN set: the page reads freely, a control answers 401, the page asks for the
+    token (a wrong one is refused), then the same write goes through and later ones too."""
+    token = secrets.token_hex(16)
+    with SshdCluster(3, base_dir=tmp_path / "cluster") as cluster, \
+            Controller(cluster, tick_seconds=TICK_SECONDS, ssh_timeout=SSH_TIMEOUT, work_dir=tmp_path,
+                       env={"API_TOKEN": token}) as ctl:
+        driver.get_log("browser")  # forget what earlier tests logged
+        page = Page(driver, ctl.base_url + "/").open()
+        snapshot = page.wait_for(lambda s: s["mode"] == "read-only", "the page in read-only mode")
+        assert snapshot["asking_token"] is None and snapshot["nodes"]  # reading needs no token
+
+        page.add("web")
+        snapshot = page.wait_for(lambda s: s["asking_token"], "the page asking for the token")
+        assert "401" in snapshot["asking_token"]
+        assert '"Authorization: Bearer <token>"' in snapshot["asking_token"]
+        assert page.driver.find_element(By.ID, "token-input").get_attribute("type") == "password"
+        assert ctl.get("/api/containers") == (200, [])  # the 401 wrote nothing
+        page.screenshot("token-asked")
+
+        page.enter_token("not-the-token")
+        page.wait_for(lambda s: s["asking_token"] and s["asking_token"].startswith(
+            "POST /api/containers → 401: wrong token"), "asked again after a wrong token")
+        assert ctl.get("/api/containers") == (200, [])
+
+        page.enter_token(token)
+        page.wait_for(lambda s: status_of("web")(s) == "running", "web, added with the token, running")
+        snapshot = page.snapshot()
+        assert snapshot["mode"] == "write" and snapshot["asking_token"] is None and snapshot["error"] is None
+        assert page.driver.find_element(By.ID, "add-name").get_attribute("value") == ""
+        assert cluster[snapshot["containers"]["web"]["node"]].running == ["web"]
+
+        # Asked once: the next controls write at once, the token kept for the tab, shown nowhere.
+        page.click("#btn-pause")
+        page.wait_for(lambda s: s["paused"], "the loop paused from the page")
+        assert ctl.get("/api/loop")[1]["paused"] is True
+        page.click('button[data-delete="web"]')
+        page.wait_for(lambda s: "web" not in s["containers"], "web deleted from the page")
+        assert page.snapshot()["asking_token"] is None
+        assert page.driver.execute_script("return sessionStorage.getItem('pull-mode-api-token')") == token
+        assert token not in page.driver.current_url
+        assert token not in page.driver.find_element(By.TAG_NAME, "body").text
+        page.screenshot("token-allowed")
+
+        page.click('#auth[data-mode="write"]')  # forget the token: read-only, as a student's tab is
+        page.wait_for(lambda s: s["mode"] == "read-only", "read-only again after forgetting the token")
+        page.click("#btn-resume")
+        page.wait_for(lambda s: s["asking_token"], "asked again once the token is forgotten")
+        assert ctl.get("/api/loop")[1]["paused"] is True
+        page.click("#token-cancel")
+        snapshot = page.wait_for(lambda s: s["error"], "the 401 shown as an error after cancel")
+        assert "401" in snapshot["error"] and snapshot["asking_token"] is None
+
+    assert token not in ctl.log() + "\n".join(ctl.stderr_lines)
+    errors = [entry["message"] for entry in driver.get_log("browser") if entry["source"] == "javascript"]
+    assert not errors, errors

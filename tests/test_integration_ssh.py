@@ -9,6 +9,7 @@ printed at the end of the module.
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -646,3 +647,63 @@ def test_shell_metacharacters_never_reach_a_node(cluster, ctl):
     assert not os.path.exists("/tmp/pull-mode-pwned")
     status, listing = ctl.get("/api/containers")
     assert status == 200 and listing == []
+
+
+# ----------------------------------------------------------------------------
+# API_TOKEN and API_HOST: the real process, its log and its socket
+# ----------------------------------------------------------------------------
+
+def listening_addresses(port):
+    """The local addresses of the TCP sockets listening on `port`, from /proc/net/tcp and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as file:
+                rows = file.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
+
+
+@pytest.mark.parametrize("lang, says_token", [
+    ("en", "(writes need a token)"), ("fr", "(les écritures demandent un jeton)")])
+def test_the_token_never_appears_in_the_log(cluster, start_controller, lang, says_token):
+    token = secrets.token_hex(16)
+    ctl = start_controller(log_lang=lang, env={"API_TOKEN": token})
+    ctl.wait_for_line(re.escape(f"http://127.0.0.1:{ctl.api_port} {says_token}"), timeout=WAIT)
+    right = {"Authorization": f"Bearer {token}"}
+
+    # Refused writes, then real work with the token: every path that could print it.
+    assert ctl.post("/api/containers", {"name": "nginx"})[0] == 401
+    assert ctl.post("/api/containers", {"name": "nginx"},
+                    headers={"Authorization": f"Bearer {token[:-1]}"})[0] == 401
+    assert ctl.post(f"/api/loop/pause?token={token}")[0] == 401
+    assert ctl.post("/api/containers", {"name": "nginx"}, headers=right)[0] == 201
+    node = wait_running(ctl, "nginx")
+    assert cluster[node].running == ["nginx"]
+    assert ctl.post("/api/loop/step", headers=right)[0] == 200
+    assert ctl.post("/api/loop/resume", headers=right)[0] == 200
+    assert ctl.delete("/api/containers/nginx", headers=right)[0] == 200
+    wait_until(lambda: cluster[node].running == [], message="nginx stopped")
+    code, _ = ctl.stop()
+    assert code == 0
+
+    output = "\n".join(ctl.lines + ctl.stderr_lines)
+    assert ctl.find_lines(r"(START|STOP): nginx") and ctl.find_lines(r"pull-mode"), output
+    assert token not in output and token[:8] not in output
+    assert ctl.find_lines(r"^(pull-mode controller stopped|contrôleur pull-mode arrêté)$")
+
+
+def test_without_settings_the_api_listens_on_loopback_with_the_usual_start_line(cluster, start_controller):
+    ctl = start_controller(env={"API_HOST": None, "API_TOKEN": None})
+    # The start line as before this token existed: where it listens, nothing about tokens.
+    ctl.wait_for_line(line(f"pull-mode controller: API on http://127.0.0.1:{ctl.api_port}, "
+                           f"nodes node-1, node-2, node-3, a tick every {TICK_SECONDS} s"), timeout=WAIT)
+    assert listening_addresses(ctl.api_port) == ["0100007F"]  # 127.0.0.1, and nothing else
+    post(ctl, "web")  # and without a token, anyone who reaches it may write
+    assert wait_running(ctl, "web")

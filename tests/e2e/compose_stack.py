@@ -23,7 +23,7 @@ def record(what, seconds):
 def copy_checkout(destination):
     """Copy what the stack needs, with a fresh nodes/ and the checkout's desired_state.txt."""
     ignore = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache",
-                                    ".hypothesis", "nodes", "tests")
+                                    ".hypothesis", "nodes", "tests", ".env")
     shutil.copytree(REPO, destination, ignore=ignore, symlinks=True)
     (destination / "nodes").mkdir()
     (destination / "nodes" / ".gitkeep").touch()
@@ -38,6 +38,7 @@ class Stack:
         self.client = client
         self.env = dict(os.environ)
         self.env.pop("LOG_LANG", None)  # the tests read the default (English) log
+        self.env.pop("API_TOKEN", None)  # the demos write without a token, as the README does
         if "BASE_IMAGE" not in self.env and self.has_image(LOCAL_BASE_IMAGE):
             self.env["BASE_IMAGE"] = LOCAL_BASE_IMAGE
 

@@ -5,6 +5,7 @@ shell, then checks what runs inside each node container (/app/nodes/<node>_runni
 read with `docker exec`) and what the controller printed. Timeouts are generous: these
 tests check behaviour, not speed; the durations they measure are printed at the end.
 """
+import secrets
 import time
 
 import pytest
@@ -102,6 +103,8 @@ def clean(stack):
         if container.status != "running":
             container.start()
     wait_until(lambda: all(stack.running(node) is not None for node in NODES), "all nodes up")
+    # The previous test may have just recreated the controller (`docker compose up -d`).
+    wait_until(lambda: requests.get(f"{API}/healthz", timeout=2).status_code == 200, "the API answers")
     for name in api_names():
         requests.delete(f"{API}/api/containers/{name}", timeout=5).raise_for_status()
     wait_until(lambda: placement(stack) == {node: [] for node in NODES} and not api_names(),
@@ -327,3 +330,64 @@ def test_french_log_is_the_seeds_word_for_word(clean):
         wait_until(lambda: log_shows(stack, mark, *seed), f"the log shows {seed}", timeout=15)
     finally:
         stack.sh("docker compose up -d")  # back to the default language
+
+
+# --- the README's LAN section: a token for every write --------------------------------------
+
+# As the README shows it, with the token in a shell variable (never in the URL).
+POST_NGINX_WITH_TOKEN = """curl -X POST http://localhost:8080/api/containers \\
+  -H "Authorization: Bearer $API_TOKEN" \\
+  -H "Content-Type: application/json" \\
+  -d '{"name": "nginx"}'"""
+DELETE_NGINX_WITH_TOKEN = """curl -X DELETE http://localhost:8080/api/containers/nginx \\
+  -H "Authorization: Bearer $API_TOKEN\""""
+STATUS = " -s -w '\\n%{http_code}'"  # curl prints the status code on a last line
+
+
+def token_required():
+    return requests.get(f"{API}/api/state", timeout=2).json()["token_required"]
+
+
+def test_with_api_token_writes_need_the_bearer_header_and_reads_stay_open(clean):
+    stack = clean
+    token = secrets.token_hex(16)
+    stack.sh(f"API_TOKEN={token} docker compose up -d")  # recreates the controller only
+    try:
+        wait_until(lambda: token_required() is True, "the controller back, with a token")
+        # A student without the token: every write is a 401 that says how to send one.
+        for command in (POST_NGINX, DELETE_NGINX, "curl -X POST http://localhost:8080/api/loop/pause"):
+            output = stack.sh(command + STATUS).stdout
+            body, status = output.rsplit("\n", 1)
+            assert status == "401", output
+            assert '\\"Authorization: Bearer <token>\\"' in body and token not in body, body
+        assert api_names() == {}  # ... and reading stays open
+        assert not requests.get(f"{API}/api/loop", timeout=5).json()["paused"]
+
+        # The teacher, with the token.
+        output = stack.sh(f"API_TOKEN={token}\n{POST_NGINX_WITH_TOKEN}{STATUS}").stdout
+        assert output.endswith("\n201"), output
+        wait_until(lambda: runs_exactly_once(stack, ["nginx"]), "nginx runs")
+        output = stack.sh(f"API_TOKEN={token}\n{DELETE_NGINX_WITH_TOKEN}{STATUS}").stdout
+        assert output.endswith("\n200"), output
+        wait_until(lambda: placement(stack) == {node: [] for node in NODES}, "nginx is stopped")
+
+        log = stack.controller_log()
+        assert "pull-mode controller: API on http://0.0.0.0:8080 (writes need a token)" in log, log
+        assert token not in log
+        assert stack.container("controller").attrs["HostConfig"]["PortBindings"] == {
+            "8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]}
+
+        # The README's way to keep a token across `docker compose up`: a .env file.
+        kept = secrets.token_hex(16)
+        stack.sh(f'echo "API_TOKEN={kept}" > .env')
+        stack.sh("docker compose up -d")
+        wait_until(lambda: requests.post(f"{API}/api/loop/pause", timeout=2).status_code == 401
+                   and requests.post(f"{API}/api/loop/pause", timeout=2,
+                                     headers={"Authorization": f"Bearer {kept}"}).status_code == 200,
+                   "the controller recreated with the token of .env")
+        assert requests.post(f"{API}/api/loop/resume", timeout=5,
+                             headers={"Authorization": f"Bearer {kept}"}).status_code == 200
+        assert kept not in stack.controller_log()
+    finally:
+        stack.sh("rm -f .env; docker compose up -d")  # back to no token, as the other demos expect
+        wait_until(lambda: token_required() is False, "the controller back, without a token")
