@@ -110,6 +110,8 @@ def clean(stack):
 
 def reset(stack):
     """What `clean` does, for any stack of this project (the Windows checkout's too)."""
+    # A test before may have just recreated the controller (`LOG_LANG=fr docker compose up -d`).
+    wait_until(lambda: requests.get(f"{API}/healthz", timeout=2).ok, "the API answers")
     for node in NODES:
         container = stack.container(node)
         if container.status != "running":
