@@ -78,7 +78,7 @@ def dump_logs_on_failure(request):
     yield
     report = getattr(request.node, "report_call", None)
     stack = None
-    for name in ("stack", "built_stack"):
+    for name in ("stack", "built_stack", "crlf_stack"):
         if name in request.fixturenames:
             stack = request.getfixturevalue(name)
             break

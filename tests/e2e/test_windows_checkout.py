@@ -71,9 +71,14 @@ def crlf_stack(docker_client, tmp_path_factory):
     try:
         _, seconds = stack.timed("docker compose build", timeout=BUILD_TIMEOUT)
         record("CRLF clone: docker compose build", seconds)
-        stack.sh("docker compose up -d")
-        wait_until(lambda: stack.health("controller") == "healthy",
-                   "the controller's healthcheck passes", timeout=90)
+        try:
+            stack.sh("docker compose up -d")
+            wait_until(lambda: stack.health("controller") == "healthy",
+                       "the controller's healthcheck passes", timeout=90)
+        except AssertionError as error:  # say why: a node's log shows it
+            logs = stack.sh("docker compose ps -a; docker compose logs --no-color --tail 20",
+                            check=False)
+            raise AssertionError(f"{error}\n{logs.stdout}{logs.stderr}") from None
         yield stack
     finally:
         stack.teardown()
