@@ -10,6 +10,14 @@ PROJECT = "pull-mode"
 LOCAL_BASE_IMAGE = "pull-mode-base:bookworm"  # what .ci/docker-setup builds
 BUILD_TIMEOUT = 900  # seconds: a first build installs flask and paramiko from PyPI
 COMMAND_TIMEOUT = 180  # seconds, for any other docker command
+# The API's port on the host: PULL_MODE_PORT, as docker-compose.yml reads it.
+PORT = os.environ.get("PULL_MODE_PORT") or "8080"
+API = f"http://127.0.0.1:{PORT}"
+# The settings docker-compose.yml passes through to the controller: the tests run with
+# its defaults (5 s ticks, English log, ...), whatever the calling shell exports.
+PASSED_THROUGH = ["LOG_LANG", "TICK_SECONDS", "SSH_TIMEOUT", "NODE_GRACE_SECONDS", "API_TOKEN"]
+# A teacher's own uid and gid on a Linux machine: the owner of a clone, so of its nodes/.
+TEACHER = (1000, 1000)
 
 # Filled by the tests, printed at the end of the run (see pytest_terminal_summary).
 MEASURED = {}
@@ -30,6 +38,29 @@ def copy_checkout(destination):
     return destination
 
 
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT)
+
+
+def commit_everything(directory):
+    """Make `directory` a git repository with one commit of its files, byte for byte
+    (autocrlf off, whatever this machine's git config says)."""
+    git("init", "-q", cwd=directory)
+    git("-c", "core.autocrlf=false", "add", "-A", cwd=directory)
+    git("-c", "core.autocrlf=false", "-c", "user.name=pull-mode tests",
+        "-c", "user.email=tests@pull-mode.invalid", "commit", "-q", "-m", "snapshot", cwd=directory)
+    return directory
+
+
+def windows_clone(repository, destination):
+    """Clone as Git for Windows does by default: line ends converted to CRLF on checkout,
+    unless a .gitattributes says otherwise."""
+    git("-c", "core.autocrlf=true", "clone", "-q", str(repository), str(destination),
+        cwd=repository)
+    return destination
+
+
 class Stack:
     """The classroom stack, driven as a teacher does: shell commands in its directory."""
 
@@ -37,8 +68,10 @@ class Stack:
         self.directory = directory
         self.client = client
         self.env = dict(os.environ)
-        self.env.pop("LOG_LANG", None)  # the tests read the default (English) log
-        self.env.pop("API_TOKEN", None)  # the demos write without a token, as the README does
+        # The tests read the default (English) log at the default pace, and the demos
+        # write without a token, as the README does.
+        for name in PASSED_THROUGH:
+            self.env.pop(name, None)
         if "BASE_IMAGE" not in self.env and self.has_image(LOCAL_BASE_IMAGE):
             self.env["BASE_IMAGE"] = LOCAL_BASE_IMAGE
 

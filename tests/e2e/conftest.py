@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from compose_stack import (BUILD_TIMEOUT, MEASURED, Stack, compose_down_any_previous_stack,
-                           copy_checkout, record)
+from compose_stack import (BUILD_TIMEOUT, MEASURED, TEACHER, Stack,
+                           compose_down_any_previous_stack, copy_checkout, record)
 
 
 def engine_unavailable(reason):
@@ -44,7 +44,10 @@ def docker_client():
 
 @pytest.fixture(scope="session")
 def stack_dir(tmp_path_factory):
-    return copy_checkout(tmp_path_factory.mktemp("classroom") / "pull-mode")
+    directory = copy_checkout(tmp_path_factory.mktemp("classroom") / "pull-mode")
+    # As in a teacher's clone, nodes/ belongs to a normal user, not to root.
+    os.chown(directory / "nodes", *TEACHER)
+    return directory
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +55,9 @@ def built_stack(docker_client, stack_dir):
     """The stack's images built (not started): `docker compose build`."""
     stack = Stack(stack_dir, docker_client)
     compose_down_any_previous_stack(stack.env)
-    _, seconds = stack.timed("docker compose build", timeout=BUILD_TIMEOUT)
+    result, seconds = stack.timed("docker compose build", timeout=BUILD_TIMEOUT)
     record("docker compose build", seconds)
+    stack.build_output = result.stdout + result.stderr
     try:
         yield stack
     finally:
@@ -74,7 +78,7 @@ def dump_logs_on_failure(request):
     yield
     report = getattr(request.node, "report_call", None)
     stack = None
-    for name in ("stack", "built_stack"):
+    for name in ("stack", "built_stack", "crlf_stack"):
         if name in request.fixturenames:
             stack = request.getfixturevalue(name)
             break
