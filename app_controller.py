@@ -1,28 +1,33 @@
-"""pull-mode: a teaching controller that makes the Kubernetes control loop visible.
+"""pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
 
-One process, two threads:
-  * a REST API (Flask) that only records what the user *wants* in desired_state.txt;
-  * a control loop that, every tick, makes the nodes match that file:
+"Pull mode" is how Kubernetes works: nobody pushes orders to the nodes. You
+*declare* what you want; a controller keeps pulling the real state and the
+declared state, compares them, and acts on the difference, again and again:
 
-        while True:
-            1. get_current_state()   observe what runs on each node (SSH)
-            2. get_desired_state()   read desired_state.txt
-            3. cleanup_dead_nodes()  forget assignments to nodes that are down
-            4. schedule()            assign unassigned containers to live nodes
-            5. reconcile()           diff observed vs desired, then start/stop (SSH)
+    while True:                          control_loop() and run_tick()
+        1. get_current_state()           observe what each node runs (SSH)
+        2. get_desired_state()           read what was declared (desired_state.txt)
+        3. cleanup_dead_nodes()          forget assignments to nodes that are gone
+        4. schedule()                    place unassigned containers on live nodes
+        5. reconcile()                   diff observed vs desired, then start/stop
+        save_assignments() writes what steps 3 and 4 decided into the file.
 
+A REST API (a Flask thread) only writes desired_state.txt and wakes the loop.
 A "container" is simulated: node N runs the names listed, one per line, in its
 file NODE_STATE_DIR/N_running.txt. Starting appends a line; stopping removes it.
 
-Reading order: the file goes from the edges (configuration, the desired-state
-file, SSH) to the decisions, then the five steps and run_tick(), the loop itself.
+This follows "the seed": the French pull-mode project this one grew from
+(https://github.com/silefort/duckConfKubernetes). Its five steps keep their
+names, and LOG_LANG=fr prints its log word for word.
 
-What this toy leaves out on purpose, and who does the job in Kubernetes:
-  * real containers: the kubelet and a container runtime on every node;
-  * a real database with watches: kube-apiserver in front of etcd;
-  * high availability: there is one controller, no leader election;
-  * heartbeats and grace periods (node lifecycle controller): here a node that
-    does not answer within SSH_TIMEOUT is down for that tick.
+Reading order: the settings; the loop and the five steps; the pure decisions
+they call; then the machinery, each part saying who does its job in Kubernetes
+(when to tick, SSH, the desired-state file, what the API shows, the API, the log).
+
+Left out on purpose, and who does the job in Kubernetes: real containers (the
+kubelet and a container runtime), a database with watches (kube-apiserver and
+etcd), several controllers (leader election), heartbeats (kubelets report in;
+here the controller asks each node every tick).
 """
 
 import errno
@@ -40,8 +45,8 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from typing import NamedTuple
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import paramiko
 from flask import Flask, abort, jsonify, request, send_file
@@ -50,95 +55,32 @@ from werkzeug.serving import make_server
 
 
 # ---------------------------------------------------------------------------
-# Configuration (environment variables; the defaults fit docker-compose.yml)
+# Settings: environment variables (the defaults fit docker-compose.yml)
 # ---------------------------------------------------------------------------
-# A typo in a setting must not become a traceback in front of the class: each
-# setting is parsed here, a bad one is remembered with a sentence that names it,
-# and main() prints them all and exits with status 2 before anything starts.
+# A typo in a setting must not become a traceback in front of the class: a bad
+# value is noted with a sentence naming it, and main() prints them all and
+# exits with status 2 before anything starts.
 configuration_errors = []
 
 
-def setting(variable, default, parse, secret=False):
-    """The environment variable parsed by parse(); on a bad value, note why and use the default.
+class SettingError(ValueError):
+    """A setting's value is wrong; the message says what, for people."""
 
-    A secret's value is never repeated in the message."""
+
+def setting(variable, default, convert, expected, is_ok=lambda value: True, secret=False):
+    """The environment variable, converted; a bad value is noted (never shown if secret)."""
     raw = os.environ.get(variable, default)
+    reason = f"expected {expected}"
     try:
-        return parse(raw)
-    except ValueError as error:
-        configuration_errors.append(f"{variable}{'' if secret else '=' + repr(raw)}: {error}")
-        return parse(default)
-
-
-def number(low=None, above=None):
-    """A parser of finite numbers, at least `low` or strictly above `above`."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("not a number") from None
-        if not math.isfinite(value):
-            raise ValueError("not a finite number")
-        if low is not None and value < low:
-            raise ValueError(f"must be at least {low:g}")
-        if above is not None and value <= above:
-            raise ValueError(f"must be more than {above:g}")
-        return value
-    return parse
-
-
-def port(text):
-    """A TCP port number, 1 to 65535."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError("a port is a whole number from 1 to 65535")
-    return int(text)
-
-
-def parse_nodes(spec, default_port):
-    """'node-1,node-2=127.0.0.1:2202' -> {'node-1': ('node-1', 22), 'node-2': ('127.0.0.1', 2202)}
-
-    An IPv6 address goes in brackets: 'node-1=[::1]:2202'."""
-    nodes = {}
-    for entry in spec.split(","):
-        name, _, address = (part.strip() for part in entry.partition("="))
-        if not name:
-            raise ValueError("an empty entry (two commas, or one at an end?)")
-        if not is_valid_name(name):
-            raise ValueError(f"{name!r} is not a valid node name (lowercase letters, "
-                             "digits and '-')")
-        if name in nodes:
-            raise ValueError(f"{name!r} is listed twice")
-        address = address or name
-        bracketed = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", address)
-        if bracketed:
-            host, port_text = bracketed.group(1), bracketed.group(2)
-        elif address.count(":") > 1:
-            raise ValueError(f"{address!r}: put an IPv6 address in brackets, like [::1]:22")
-        else:
-            host, _, port_text = address.partition(":")
-        host, port_text = host.strip(), port_text and port_text.strip()
-        if not host:
-            raise ValueError(f"{name!r} has no host")
-        try:
-            nodes[name] = (host, port(port_text) if port_text is not None and port_text != ""
-                           else default_port)
-        except ValueError as error:
-            raise ValueError(f"{name!r}: {error}") from None
-    return nodes
-
-
-def language(text):
-    """A language of the tick log: en or fr."""
-    if text not in ("en", "fr"):
-        raise ValueError("the log speaks en or fr")
-    return text
-
-
-def token(text):
-    """A bearer token: what an HTTP header can carry (openssl rand -hex 16 makes one)."""
-    if text and not re.fullmatch(r"[\x21-\x7e]+", text):
-        raise ValueError("must be printable ASCII without spaces (openssl rand -hex 16 makes one)")
-    return text or None
+        value = convert(raw)
+        if is_ok(value):
+            return value
+    except SettingError as error:
+        reason = str(error)
+    except ValueError:
+        pass
+    configuration_errors.append(f"{variable}{'' if secret else '=' + repr(raw)}: {reason}")
+    return convert(default)
 
 
 # A container name is a DNS-1123 label, as for Kubernetes objects: lowercase
@@ -148,194 +90,486 @@ NAME_PATTERN = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 
 
 def is_valid_name(name):
+    """True if `name` is a DNS-1123 label (see NAME_PATTERN)."""
     return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
 
 
-SSH_PORT = setting("SSH_PORT", "22", port)
-NODES = setting("NODES", "node-1,node-2,node-3", lambda spec: parse_nodes(spec, SSH_PORT))
+def parse_nodes(spec, default_port):
+    """'node-1,node-2=127.0.0.1:2202' -> {'node-1': ('node-1', 22), 'node-2': ('127.0.0.1', 2202)}
+
+    An IPv6 address goes in brackets ('node-1=[::1]:2202'). Raises SettingError saying what is wrong."""
+    nodes = {}
+    for entry in spec.split(","):
+        name, _, address = (part.strip() for part in entry.partition("="))
+        if not is_valid_name(name):
+            raise SettingError(f"{name!r} is not a node name (a comma too many?)" if not name else
+                             f"{name!r} is not a valid node name (lowercase letters, digits, '-')")
+        if name in nodes:
+            raise SettingError(f"{name!r} is listed twice")
+        found = re.fullmatch(r"\[([^\]]+)\](?::(.*))?|([^:\[\]]+)(?::(.*))?", address or name)
+        if not found:
+            raise SettingError(f"{address!r}: write host, host:port or [IPv6]:port")
+        host = (found.group(1) or found.group(3)).strip()
+        port = (found.group(2) or found.group(4) or str(default_port)).strip()
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingError(f"{name!r}: the port must be a whole number from 1 to 65535")
+        nodes[name] = (host, int(port))
+    return nodes
+
+
+def finite(low):
+    """A check for setting(): a finite number, at least `low`."""
+    return lambda value: math.isfinite(value) and value >= low
+
+
+def tcp_port(value):
+    """A check for setting(): a TCP port number."""
+    return 1 <= value <= 65535
+
+
+SSH_PORT = setting("SSH_PORT", "22", int, "a port number, 1 to 65535", tcp_port)
+NODES = setting("NODES", "node-1,node-2,node-3", lambda spec: parse_nodes(spec, SSH_PORT),
+                "a list like node-1,node-2=10.0.0.2:22")
 SSH_USER = os.environ.get("SSH_USER", "root")
 SSH_KEY_FILE = os.environ.get("SSH_KEY_FILE") or None  # None: paramiko looks in ~/.ssh
 # One slow node must not freeze the lesson: past this many seconds it is down.
-SSH_TIMEOUT = setting("SSH_TIMEOUT", "3", number(above=0))
+SSH_TIMEOUT = setting("SSH_TIMEOUT", "3", float, "seconds, more than 0",
+                      lambda value: math.isfinite(value) and value > 0)
 NODE_STATE_DIR = os.environ.get("NODE_STATE_DIR", "/app/nodes")
 DESIRED_STATE_FILE = os.environ.get("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 # (Not below 0.1 s: a loop that never sleeps would only heat the laptop.)
-TICK_SECONDS = setting("TICK_SECONDS", "5", number(low=0.1))
-# Loopback by default: only this machine can reach the API until you decide
-# otherwise (docker-compose.yml sets 0.0.0.0 inside the controller's container).
-API_HOST = os.environ.get("API_HOST", "127.0.0.1")
-API_PORT = setting("API_PORT", "8080", port)
-# Unset (or empty): anyone who reaches the API may change the cluster. Set: every
-# change needs "Authorization: Bearer <API_TOKEN>"; reading stays open to all.
-API_TOKEN = setting("API_TOKEN", "", token, secret=True)
-LOG_LANG = setting("LOG_LANG", "en", language)
+TICK_SECONDS = setting("TICK_SECONDS", "5", float, "seconds, at least 0.1", finite(0.1))
 # How long a node that does not answer keeps its containers before they move.
 # 0, the seed's choice: at the first missed observation. Kubernetes waits 50 s
-# (node-monitor-grace-period) then 300 s more (the unreachable taint's
-# tolerationSeconds), because from the controller a crashed node and a node
-# cut off by the network look the same, and only the crashed one is safe to
-# replace: the cut-off one still runs its containers.
-NODE_GRACE_SECONDS = setting("NODE_GRACE_SECONDS", "0", number(low=0))
+# (node-monitor-grace-period), then 300 s (the unreachable taint's
+# tolerationSeconds): a crashed node and a node cut off by the network look
+# the same from here, and only the crashed one is safe to replace.
+NODE_GRACE_SECONDS = setting("NODE_GRACE_SECONDS", "0", float, "seconds, at least 0", finite(0))
 # After a tick that started or stopped something, the next tick comes this
 # soon to check the work (controller-runtime's requeue), not a whole period later.
 REQUEUE_SECONDS = 0.3
-
+# Loopback by default: only this machine can reach the API until you decide
+# otherwise (docker-compose.yml sets 0.0.0.0 inside the controller's container).
+API_HOST = os.environ.get("API_HOST", "127.0.0.1")
+API_PORT = setting("API_PORT", "8080", int, "a port number, 1 to 65535", tcp_port)
+# Unset (or empty): anyone who reaches the API may change the cluster. Set: every
+# change needs "Authorization: Bearer <API_TOKEN>"; reading stays open to all.
+API_TOKEN = setting("API_TOKEN", "", lambda text: text or None,
+                    "printable ASCII without spaces (openssl rand -hex 16 makes one)",
+                    lambda token: token is None or re.fullmatch(r"[\x21-\x7e]+", token), secret=True)
+LOG_LANG = setting("LOG_LANG", "en", str, "en or fr", lambda language: language in ("en", "fr"))
 # A node's file may hold anything a student wrote into it. We read at most this
-# much of it: enough for any real list of containers, and a 10 MB prank costs
-# the controller one megabyte, not ten. Whatever lies past it is not wanted
-# anyway, and the next action on that node removes it.
+# much of it: a 10 MB prank costs one megabyte, and what lies past it is not
+# wanted anyway (the next action on that node removes it).
 MAX_READ_BYTES = 1024 * 1024
 # A long list (200,000 intruders) is cut in the log and in the API after this
-# many names: "… and 199,990 more".
+# many names: "… and 199,980 more".
 LIST_LIMIT = 20
 
 
 # ---------------------------------------------------------------------------
-# The desired state: desired_state.txt (etcd, in Kubernetes)
+# The control loop
 # ---------------------------------------------------------------------------
-# One container per line: "name" (declared, not scheduled yet) or "name:node".
-# Blank lines and "# comments" are allowed, so a teacher can edit it by hand.
 
-# The API thread and the loop both change the file: every read-modify-write
-# holds this one lock, so no update is ever lost.
-desired_lock = threading.Lock()
-
-
-BYTE_ORDER_MARK = "\ufeff"  # what Notepad may put at the start of a UTF-8 file
-
-
-def parse_line(line):
-    """'app1' -> ('app1', None), 'app1 : node-2' -> ('app1', 'node-2'), blank or comment -> None.
-
-    Raises ValueError with the reason when the line is not valid. Spaces around
-    the colon are fine: a teacher typing "nginx : node-1" means nginx on node-1."""
-    code = line.partition("#")[0].strip()
-    if not code:
-        return None
-    name, colon, node = (part.strip() for part in code.partition(":"))
-    if not is_valid_name(name):
-        raise ValueError("not a valid name")
-    if colon and not is_valid_name(node):
-        raise ValueError("not a valid node name")
-    return name, (node if colon else None)
-
-
-def split_lines(text):
-    """The file's lines without their endings, whether they end in LF or CRLF (Windows)."""
-    text = text.removeprefix(BYTE_ORDER_MARK)
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the text ended with a newline: no line after it
-    return [line.removesuffix("\r") for line in lines]
-
-
-def parse_desired_state(text):
-    """Parse the file's text into ({name: node or None} in file order, [problems]).
-
-    A problem is (line number, line, reason): bad lines are reported and
-    skipped, never fatal, because a hand edit must not stop the loop."""
-    desired, problems = {}, []
-    for number, line in enumerate(split_lines(text), start=1):
+def control_loop():
+    """Tick, wait, tick again, until the process is stopped: the lesson in six lines."""
+    trigger = "start"
+    while True:
+        acted = False
         try:
-            entry = parse_line(line)
-        except ValueError as error:
-            problems.append((number, line, str(error)))
-            continue
-        if entry is None:
-            continue
-        name, node = entry
-        if name in desired:
-            problems.append((number, line, "duplicate"))
-            continue
-        desired[name] = node
-    return desired, problems
+            acted = run_tick(trigger)
+        except ShuttingDown:
+            return
+        except Exception as error:  # nothing short of a shutdown ends the loop
+            fail_tick(error)
+        # A tick that acted is checked soon after, once (a check that acts again
+        # waits for the timer: a node that keeps changing cannot make us spin).
+        trigger = loop_timer.wait_for_next_tick(check_soon=acted and trigger != "requeue")
+        if trigger is None:  # shutting down
+            return
 
 
-def format_entry(name, node):
-    return name if node is None else f"{name}:{node}"
+# ---------------------------------------------------------------------------
+# The five steps
+# ---------------------------------------------------------------------------
+
+def run_tick(trigger):
+    """One pass of the control loop: the five steps. Returns True if it started or stopped something."""
+    begin_tick(trigger)  # trigger: why this tick runs (timer, wake, step, requeue, start)
+
+    begin_step(1)  # OBSERVE what really runs (the kubelets report it)
+    observed = get_current_state()
+
+    begin_step(2)  # READ what the users declared (the API server's objects)
+    declared = get_desired_state()
+
+    begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
+    # A node in its grace period keeps its containers: it may only be cut off.
+    holding_nodes = observed.live_nodes + list(observed.waiting)
+    assignments, orphans = cleanup_dead_nodes(declared, holding_nodes)
+    explain_cleanup(orphans, observed)
+
+    begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
+    assignments, placements = schedule(assignments, observed.live_nodes)
+    explain_schedule(placements, assignments)
+    # What steps 3 and 4 decided goes into the file; what it says now is desired.
+    desired = save_assignments(declared, assignments)
+
+    begin_step(5)  # RECONCILE: diff, then act (every controller's sync)
+    failures, acted = reconcile(observed.running, desired)
+
+    end_tick(failures, unscheduled=[name for name, node in assignments.items() if node is None])
+    return acted
 
 
-def render_desired_state(text, desired):
-    """Rewrite the file's text so that it declares `desired`, changing only the lines that must.
+# Why each node's last actions failed, when the node answered but its command
+# failed there: next tick that node is NotReady, until an action works again.
+failed_actions = {}
+# When each node last answered (time.monotonic()): the start of its silence.
+last_answered = {node: time.monotonic() for node in NODES}
 
-    Comments, blank lines and invalid lines stay as they are; a container no
-    longer desired loses its line(s); a new one gets a line at the end. The
-    file keeps its own line endings (CRLF if it was saved on Windows) and its
-    byte order mark, if it had one."""
-    lines, seen = [], set()
-    for line in split_lines(text):
-        try:
-            entry = parse_line(line)
-        except ValueError:
-            entry = None
-        if entry is None:
-            lines.append(line)
-            continue
-        name, node = entry
-        if name not in desired:
-            continue
-        if name in seen or desired[name] == node:
-            lines.append(line)  # a duplicate stays as it was, and reported
+
+class Observation(NamedTuple):
+    """What step 1 saw."""
+    running: dict     # node -> the names in its file, for every node that answered
+    live_nodes: list  # the Ready nodes: they keep and get containers
+    waiting: dict     # Unknown nodes in their grace period: node -> (silent for, eviction in)
+    conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
+
+
+def get_current_state():
+    """Step 1, observe: ask every node what it runs and how it is.
+
+    A node that does not answer is Unknown, one that answers but fails is
+    NotReady: facts to log, not errors. Only Ready nodes are live."""
+    answers = on_every_node({node: observe_command(node) for node in NODES})
+    now = time.monotonic()
+    conditions = node_conditions(answers, failed_actions)
+    running, cut = {}, set()
+    for node, answer in answers.items():
+        if not isinstance(answer, Exception):
+            last_answered[node] = now
+            running[node], was_cut = parse_running_file(answer)
+            if was_cut:
+                cut.add(node)
+    live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
+    waiting = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
+    for node in NODES:
+        condition, reason = conditions[node]
+        if node in waiting:
+            silent_for, eviction_in = waiting[node]
+            say("node_waiting", node=node, silent=silent_for, left=eviction_in)
+        elif condition == "Unknown":
+            say("node_down", node=node)
+        elif condition == "NotReady":
+            say("node_not_ready", node=node, reason=reason)
+        elif running[node]:
+            say("node_up", node=node, containers=listing(running[node], cut=node in cut))
         else:
-            comment = line.partition("#")[2]
-            lines.append(format_entry(name, desired[name]) + (f"  #{comment}" if comment else ""))
-        seen.add(name)
-    lines += [format_entry(name, node) for name, node in desired.items() if name not in seen]
-    newline = "\r\n" if "\r\n" in text else "\n"
-    bom = BYTE_ORDER_MARK if text.startswith(BYTE_ORDER_MARK) else ""
-    return bom + "".join(line + newline for line in lines)
+            say("node_empty", node=node)
+    say("running_count", containers=count_of(sum(len(running[node]) for node in live_nodes),
+                                             "container"),
+        nodes=count_of(len(live_nodes), "node"))
+    observation = Observation(running, live_nodes, waiting, conditions)
+    remember_observation(observation)
+    return observation
 
 
-def read_desired_text():
-    """The text of desired_state.txt, line endings untouched ("" when there is no file)."""
-    try:
-        with open(DESIRED_STATE_FILE, encoding="utf-8", errors="replace", newline="") as file:
-            return file.read()
-    except FileNotFoundError:
-        return ""
+def get_desired_state():
+    """Step 2: read desired_state.txt. Bad lines are logged and skipped."""
+    desired, problems = parse_desired_state(read_desired_text())
+    for number, line, reason in problems[:LIST_LIMIT]:
+        say("bad_line", file=os.path.basename(DESIRED_STATE_FILE), number=number,
+            line=cut_text(line), reason=reason)
+    if len(problems) > LIST_LIMIT:
+        say("bad_lines_more", more=count_of(len(problems) - LIST_LIMIT, "number"))
+    say("declared_count", containers=count_of(len(desired), "container"))
+    return desired
 
 
-def write_atomically(path, text):
-    """Write to a temp file in the same directory, fsync, then rename over the file.
-
-    A reader (or a crash) sees the old file or the new one, never half of one.
-    The new file keeps the old one's owner and mode: the controller often runs
-    as root (in its container), and the teacher who owns the file must still
-    be able to edit it by hand afterwards."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        owner = os.stat(path)
-    except FileNotFoundError:
-        owner = os.stat(directory)  # a new file belongs to whoever owns the directory
-    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".desired_state.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_path, 0o644 if stat.S_ISDIR(owner.st_mode) else stat.S_IMODE(owner.st_mode))
-        if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
-            try:
-                os.chown(temp_path, owner.st_uid, owner.st_gid)
-            except PermissionError:
-                pass  # not root: the file becomes ours, which we can still edit
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+def explain_cleanup(orphans, observation):
+    """Log why each container lost its node: down, not ready, or not a node at all."""
+    now = time.monotonic()
+    for name, node in orphans:
+        if node not in NODES:
+            why = "unknown_node"
+            say("cleanup_unknown_node", name=name, node=node)
+        elif observation.conditions[node][0] == "NotReady":
+            why = "not_ready"
+            say("cleanup_not_ready", name=name, node=node)
+        else:
+            why = "down"
+            say("cleanup", name=name, node=node)
+        silent_for = now - last_answered[node] if node in NODES else None
+        decide("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
+               silent_for=None if silent_for is None else round(silent_for, 1))
 
 
-@contextmanager
-def editing_desired_state():
-    """Read-modify-write of desired_state.txt under the lock: change the dict, it is saved."""
-    with desired_lock:
-        text = read_desired_text()
-        desired, _ = parse_desired_state(text)
-        before = dict(desired)
-        yield desired
-        if desired != before:
-            write_atomically(DESIRED_STATE_FILE, render_desired_state(text, desired))
+def explain_schedule(placements, assignments):
+    """Log where each container went, and those that found no live node."""
+    for name, node, loads in placements:
+        say("schedule", name=name, node=node)
+        decide("schedule", name=name, node=node, loads=loads)
+    for name, node in assignments.items():
+        if node is None:
+            say("unschedulable", name=name)
+
+
+def save_assignments(declared, assignments):
+    """Write the assignments that steps 3 and 4 changed; return what the file declares now.
+
+    The API may have changed the file since step 2 read it, so we re-read it and
+    only change a line that still says what we read (optimistic concurrency,
+    like resourceVersion on a Kubernetes update). A line changed meanwhile
+    is left alone: the next tick decides again with fresh data."""
+    with editing_desired_state() as current:
+        for name, node in assignments.items():
+            if node != declared[name] and name in current and current[name] == declared[name]:
+                current[name] = node
+        return dict(current)
+
+
+def reconcile(observed, desired):
+    """Step 5: diff observed against desired on every node that answered, then start/stop.
+
+    All of a node's actions go in one SSH command; nodes act in parallel.
+    Returns ({node: error} for the nodes whose actions failed (retried next
+    tick), whether anything was started or stopped).
+    A NotReady node is acted on too: its containers were moved away, so what
+    still runs there is stopped, and a node that works again proves it here."""
+    plan = plan_reconcile(observed, desired)
+    for node in failed_actions:
+        if node in observed and node not in plan:
+            plan[node] = ([], [], [])  # nothing to do, but try: does it work again?
+    commands = {node: act_command(node, to_keep, to_start)
+                for node, (to_start, _, to_keep) in plan.items()}
+    results = on_every_node(commands)
+    failures = {node: result for node, result in results.items() if isinstance(result, Exception)}
+    acted = any(plan[node][0] or plan[node][1] for node in plan if node not in failures)
+    for node, result in results.items():
+        if isinstance(result, NodeError):
+            failed_actions[node] = describe(result)
+        elif node not in failures:
+            failed_actions.pop(node, None)
+    for node, (to_start, to_stop, _) in plan.items():
+        ok = node not in failures
+        decide("reconcile", node=node, ok=ok, error=describe(failures[node]) if not ok else None,
+               should_run=[name for name, assigned in desired.items() if assigned == node][:LIST_LIMIT],
+               ran=[cut_text(name) for name in observed[node][:LIST_LIMIT]],
+               ran_count=len(observed[node]), start=to_start[:LIST_LIMIT],
+               stop=[cut_text(name) for name in to_stop[:LIST_LIMIT]], stop_count=len(to_stop))
+        for name in to_stop[:LIST_LIMIT]:
+            say("stop", name=shown(name), node=node)
+        if len(to_stop) > LIST_LIMIT:
+            say("stop_more", more=count_of(len(to_stop) - LIST_LIMIT, "number"), node=node)
+        for name in to_start:
+            say("start", name=name, node=node)
+        if not ok:
+            say("actions_failed", node=node, error=describe(failures[node]))
+    return failures, acted
+
+
+# ---------------------------------------------------------------------------
+# The decisions: pure functions over plain data, tested without a network
+# (in Kubernetes: the node lifecycle controller, the kube-scheduler, every
+# controller's diff)
+# ---------------------------------------------------------------------------
+
+def cleanup_dead_nodes(desired, live_nodes):
+    """Unassign every container whose node is down. Returns (new desired, [(name, dead node)])."""
+    cleaned, orphans = {}, []
+    for name, node in desired.items():
+        if node is not None and node not in live_nodes:
+            orphans.append((name, node))
+            node = None
+        cleaned[name] = node
+    return cleaned, orphans
+
+
+def schedule(desired, live_nodes):
+    """Assign every unassigned container to a live node. Returns (new desired, placements).
+
+    Each goes to the live node with the fewest containers, the first in NODES
+    order on a tie: from empty nodes that is round-robin, and after a failure
+    it fills the emptiest nodes first, so the load stays even. A placement is
+    (name, node, the loads it compared): why node-2 and not node-3."""
+    load = {node: 0 for node in live_nodes}
+    for node in desired.values():
+        if node in load:
+            load[node] += 1
+    scheduled, placements = {}, []
+    for name, node in desired.items():
+        if node is None and live_nodes:
+            loads_seen = dict(load)
+            node = min(live_nodes, key=lambda candidate: load[candidate])
+            load[node] += 1
+            placements.append((name, node, loads_seen))
+        scheduled[name] = node
+    return scheduled, placements
+
+
+def diff_node(running, wanted):
+    """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
+
+    Returns (to_start, to_stop, to_keep). Anything running but not wanted is
+    stopped: an intruder, or a zombie left by a node that was down while its
+    containers moved. A wanted container listed twice is stopped and started
+    once again."""
+    listed = Counter(running)  # name -> how many lines; a dict, so lookups stay fast
+    wanted_set = set(wanted)
+    twice = {name for name in wanted if listed[name] > 1}
+    to_stop = [name for name in listed if name not in wanted_set or name in twice]
+    to_start = [name for name in wanted if name not in listed or name in twice]
+    to_keep = [name for name in wanted if listed[name] == 1]
+    return to_start, to_stop, to_keep
+
+
+def plan_reconcile(observed, desired):
+    """The diff for every observed node: {node: (to_start, to_stop, to_keep)}, only nodes with work."""
+    wanted = {node: [] for node in observed}
+    for name, node in desired.items():
+        if node in wanted:
+            wanted[node].append(name)
+    plan = {}
+    for node in observed:
+        to_start, to_stop, to_keep = diff_node(observed[node], wanted[node])
+        if to_start or to_stop:
+            plan[node] = (to_start, to_stop, to_keep)
+    return plan
+
+
+def node_conditions(answers, failed_actions):
+    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
+
+    Ready: it answered and works. NotReady: it answered, but fails (its command
+    failed, or its last actions did). Unknown: it did not answer at all, and
+    from here we cannot tell a crashed node from a cut cable."""
+    conditions = {}
+    for node, answer in answers.items():
+        if isinstance(answer, NodeError):
+            conditions[node] = ("NotReady", describe(answer))
+        elif isinstance(answer, Exception):
+            conditions[node] = ("Unknown", describe(answer))
+        elif node in failed_actions:
+            conditions[node] = ("NotReady", message("reason_actions_failed",
+                                                    error=failed_actions[node]))
+        else:
+            conditions[node] = ("Ready", None)
+    return conditions
+
+
+def grace_periods(conditions, last_answered, now, grace):
+    """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)} in seconds.
+
+    From here a crashed node and a node cut off by the network look the same;
+    the cut-off one still runs its containers, and starting them elsewhere at
+    once would run them twice. So, as Kubernetes does, we wait a while."""
+    waiting = {}
+    for node, (condition, _) in conditions.items():
+        silent_for = now - last_answered[node]
+        if condition == "Unknown" and silent_for < grace:
+            waiting[node] = (silent_for, grace - silent_for)
+    return waiting
+
+
+# ---------------------------------------------------------------------------
+# When to tick: the timer, the API's wake-ups, the teacher's pause and step
+# ---------------------------------------------------------------------------
+# Watch plus resync, as Kubernetes informers do: an API change wakes the loop
+# at once (the watch: fast), and the timer ticks every TICK_SECONDS anyway (the
+# resync: safe). Each tick re-reads the whole state (level-triggered), so a
+# missed wake-up, a hand edit or a node dying behind our back is seen next tick.
+
+def next_trigger(now, deadline, paused, steps_requested, woken, check_soon):
+    """Why a tick runs now, or None to keep waiting.
+
+    A tick runs when the teacher steps, or, unless the loop is paused, when the
+    API woke it or the timer ran out."""
+    if steps_requested:
+        return "step"
+    if paused:
+        return None
+    if woken:
+        return "wake"
+    if now >= deadline:
+        return "requeue" if check_soon else "timer"
+    return None
+
+
+class LoopTimer:
+    """The loop's alarm clock: it sleeps until next_trigger() says a tick is due."""
+
+    def __init__(self):
+        self.condition = threading.Condition()  # every change below notifies it
+        self.paused = False
+        self.steps_requested = 0
+        self.woken = False
+        self.next_tick_at = None  # wall-clock time, for the API and the page
+
+    def wake(self):
+        """Something changed: tick now (ignored while paused)."""
+        with self.condition:
+            self.woken = True
+            self.condition.notify_all()
+
+    def pause(self):
+        """No tick runs until step or resume."""
+        with self.condition:
+            self.paused = True
+            self.condition.notify_all()
+
+    def resume(self):
+        """Tick at once, then on the timer again."""
+        with self.condition:
+            self.paused, self.steps_requested, self.woken = False, 0, True
+            self.condition.notify_all()
+
+    def step(self):
+        """Run exactly one tick now and stay paused, like a debugger's step."""
+        with self.condition:
+            self.paused = True
+            self.steps_requested += 1
+            self.condition.notify_all()
+
+    def wait_for_next_tick(self, check_soon=False):
+        """Sleep until the next tick is due; return why it runs, or None at shutdown.
+
+        check_soon: the last tick acted, so the next one comes after
+        REQUEUE_SECONDS, not TICK_SECONDS. The timer runs on time.monotonic(),
+        which only goes forward: set the laptop's clock back an hour, the loop
+        still ticks on time."""
+        with self.condition:
+            deadline = time.monotonic() + (REQUEUE_SECONDS if check_soon else TICK_SECONDS)
+            said_paused = False
+            while not shutting_down.is_set():
+                now = time.monotonic()
+                trigger = next_trigger(now, deadline, self.paused, self.steps_requested,
+                                       self.woken, check_soon)
+                if trigger:
+                    if trigger == "step":
+                        self.steps_requested -= 1
+                    if trigger == "wake":
+                        self.woken = False
+                    if said_paused and not self.paused:
+                        say("resumed")
+                    return trigger
+                if self.paused and not said_paused:
+                    say("paused")
+                    said_paused = True
+                self.next_tick_at = None if self.paused else time.time() + deadline - now
+                self.condition.wait(None if self.paused else deadline - now)
+            return None
+
+    def status(self):
+        """The loop's state, for the API and the page."""
+        with self.condition:
+            return {"paused": self.paused, "next_tick_at": self.next_tick_at,
+                    "tick_seconds": TICK_SECONDS, "tick_count": tick_count}
+
+
+loop_timer = LoopTimer()
+shutting_down = threading.Event()
 
 
 # ---------------------------------------------------------------------------
@@ -451,6 +685,7 @@ def on_every_node(commands):
     gave_up = threading.Event()
 
     def work(node):
+        """One node's command, in its own thread; an error is a result too."""
         try:
             results[node] = run_on_node(node, commands[node], gave_up)
         except Exception as error:
@@ -473,6 +708,7 @@ def on_every_node(commands):
 
 
 def running_file(node):
+    """Where a node keeps the list of what it runs."""
     return f"{NODE_STATE_DIR}/{node}_running.txt"
 
 
@@ -525,390 +761,163 @@ def act_command(node, keep, to_start):
 
 
 # ---------------------------------------------------------------------------
-# The decisions: pure functions over plain data, tested without a network
+# The desired state: desired_state.txt (the API server and etcd, in Kubernetes)
 # ---------------------------------------------------------------------------
+# One container per line: "name" (declared, not scheduled yet) or "name:node".
+# Blank lines and "# comments" are allowed, so a teacher can edit it by hand.
 
-def cleanup_dead_nodes(desired, live_nodes):
-    """Unassign every container whose node is down. Returns (new desired, [(name, dead node)])."""
-    cleaned, orphans = {}, []
-    for name, node in desired.items():
-        if node is not None and node not in live_nodes:
-            orphans.append((name, node))
-            node = None
-        cleaned[name] = node
-    return cleaned, orphans
+# The API thread and the loop both change the file: every read-modify-write
+# holds this one lock, so no update is ever lost.
+desired_lock = threading.Lock()
 
 
-def schedule(desired, live_nodes):
-    """Assign every unassigned container to a live node. Returns (new desired, placements).
-
-    Each goes to the live node with the fewest containers, the first in NODES
-    order on a tie: from empty nodes that is round-robin, and after a failure
-    it fills the emptiest nodes first, so the load stays even. A placement is
-    (name, node, the loads it compared): why node-2 and not node-3."""
-    load = {node: 0 for node in live_nodes}
-    for node in desired.values():
-        if node in load:
-            load[node] += 1
-    scheduled, placements = {}, []
-    for name, node in desired.items():
-        if node is None and live_nodes:
-            loads_seen = dict(load)
-            node = min(live_nodes, key=lambda candidate: load[candidate])
-            load[node] += 1
-            placements.append((name, node, loads_seen))
-        scheduled[name] = node
-    return scheduled, placements
+BYTE_ORDER_MARK = "\ufeff"  # what Notepad may put at the start of a UTF-8 file
 
 
-def diff_node(running, wanted):
-    """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
+def parse_line(line):
+    """'app1' -> ('app1', None), 'app1 : node-2' -> ('app1', 'node-2'), blank or comment -> None.
 
-    Returns (to_start, to_stop, to_keep). Anything running but not wanted is
-    stopped: an intruder, or a zombie left by a node that was down while its
-    containers moved. A wanted container listed twice is stopped and started
-    once again."""
-    listed = Counter(running)  # name -> how many lines; a dict, so lookups stay fast
-    wanted_set = set(wanted)
-    twice = {name for name in wanted if listed[name] > 1}
-    to_stop = [name for name in listed if name not in wanted_set or name in twice]
-    to_start = [name for name in wanted if name not in listed or name in twice]
-    to_keep = [name for name in wanted if listed[name] == 1]
-    return to_start, to_stop, to_keep
-
-
-def plan_reconcile(observed, desired):
-    """The diff for every observed node: {node: (to_start, to_stop, to_keep)}, only nodes with work."""
-    wanted = {node: [] for node in observed}
-    for name, node in desired.items():
-        if node in wanted:
-            wanted[node].append(name)
-    plan = {}
-    for node in observed:
-        to_start, to_stop, to_keep = diff_node(observed[node], wanted[node])
-        if to_start or to_stop:
-            plan[node] = (to_start, to_stop, to_keep)
-    return plan
+    Raises ValueError with the reason when the line is not valid. Spaces around
+    the colon are fine: a teacher typing "nginx : node-1" means nginx on node-1."""
+    code = line.partition("#")[0].strip()
+    if not code:
+        return None
+    name, colon, node = (part.strip() for part in code.partition(":"))
+    if not is_valid_name(name):
+        raise ValueError("not a valid name")
+    if colon and not is_valid_name(node):
+        raise ValueError("not a valid node name")
+    return name, (node if colon else None)
 
 
-def node_conditions(answers, failed_actions):
-    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
-
-    Ready: it answered and works. NotReady: it answered, but fails (its command
-    failed, or its last actions did). Unknown: it did not answer at all, and
-    from here we cannot tell a crashed node from a cut cable."""
-    conditions = {}
-    for node, answer in answers.items():
-        if isinstance(answer, NodeError):
-            conditions[node] = ("NotReady", describe(answer))
-        elif isinstance(answer, Exception):
-            conditions[node] = ("Unknown", describe(answer))
-        elif node in failed_actions:
-            conditions[node] = ("NotReady", message("reason_actions_failed",
-                                                    error=failed_actions[node]))
-        else:
-            conditions[node] = ("Ready", None)
-    return conditions
+def split_lines(text):
+    """The file's lines without their endings, whether they end in LF or CRLF (Windows)."""
+    text = text.removeprefix(BYTE_ORDER_MARK)
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text ended with a newline: no line after it
+    return [line.removesuffix("\r") for line in lines]
 
 
-def grace_periods(conditions, last_answered, now, grace):
-    """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)} in seconds.
+def parse_desired_state(text):
+    """Parse the file's text into ({name: node or None} in file order, [problems]).
 
-    From here a crashed node and a node cut off by the network look the same;
-    the cut-off one still runs its containers, and starting them elsewhere at
-    once would run them twice. So, as Kubernetes does, we wait a while."""
-    waiting = {}
-    for node, (condition, _) in conditions.items():
-        silent_for = now - last_answered[node]
-        if condition == "Unknown" and silent_for < grace:
-            waiting[node] = (silent_for, grace - silent_for)
-    return waiting
-
-
-# ---------------------------------------------------------------------------
-# The five steps
-# ---------------------------------------------------------------------------
-# Why each node's last actions failed, when the node answered but its command
-# failed there: next tick that node is NotReady, until an action works again.
-failed_actions = {}
-# When each node last answered (time.monotonic()): the start of its silence.
-last_answered = {node: time.monotonic() for node in NODES}
-
-
-class Observation(NamedTuple):
-    """What step 1 saw."""
-    running: dict     # node -> the names in its file, for every node that answered
-    live_nodes: list  # the Ready nodes: they keep and get containers
-    waiting: dict     # Unknown nodes in their grace period: node -> (silent for, eviction in)
-    conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
-
-
-def get_current_state():
-    """Step 1, observe: ask every node what it runs and how it is.
-
-    A node that does not answer is Unknown, one that answers but fails is
-    NotReady: facts to log, not errors. Only Ready nodes are live."""
-    answers = on_every_node({node: observe_command(node) for node in NODES})
-    now = time.monotonic()
-    conditions = node_conditions(answers, failed_actions)
-    running, cut = {}, set()
-    for node, answer in answers.items():
-        if not isinstance(answer, Exception):
-            last_answered[node] = now
-            running[node], was_cut = parse_running_file(answer)
-            if was_cut:
-                cut.add(node)
-    live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
-    waiting = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
-    for node in NODES:
-        condition, reason = conditions[node]
-        if node in waiting:
-            silent_for, eviction_in = waiting[node]
-            say("node_waiting", node=node, silent=silent_for, left=eviction_in)
-        elif condition == "Unknown":
-            say("node_down", node=node)
-        elif condition == "NotReady":
-            say("node_not_ready", node=node, reason=reason)
-        elif running[node]:
-            say("node_up", node=node, containers=listing(running[node], cut=node in cut))
-        else:
-            say("node_empty", node=node)
-    say("running_count", containers=count_of(sum(len(running[node]) for node in live_nodes),
-                                             "container"),
-        nodes=count_of(len(live_nodes), "node"))
-    observation = Observation(running, live_nodes, waiting, conditions)
-    remember_observation(observation)
-    return observation
-
-
-def get_desired_state():
-    """Step 2: read desired_state.txt. Bad lines are logged and skipped."""
-    desired, problems = parse_desired_state(read_desired_text())
-    for number, line, reason in problems[:LIST_LIMIT]:
-        say("bad_line", file=os.path.basename(DESIRED_STATE_FILE), number=number,
-            line=cut_text(line), reason=reason)
-    if len(problems) > LIST_LIMIT:
-        say("bad_lines_more", more=count_of(len(problems) - LIST_LIMIT, "number"))
-    say("declared_count", containers=count_of(len(desired), "container"))
-    return desired
-
-
-def explain_cleanup(orphans, observation):
-    """Log why each container lost its node: down, not ready, or not a node at all."""
-    now = time.monotonic()
-    for name, node in orphans:
-        if node not in NODES:
-            why = "unknown_node"
-            say("cleanup_unknown_node", action="cleanup", name=name, node=node)
-        elif observation.conditions[node][0] == "NotReady":
-            why = "not_ready"
-            say("cleanup_not_ready", action="cleanup", name=name, node=node)
-        else:
-            why = "down"
-            say("cleanup", action="cleanup", name=name, node=node)
-        silent_for = now - last_answered[node] if node in NODES else None
-        decide("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
-               silent_for=None if silent_for is None else round(silent_for, 1))
-
-
-def save_assignments(declared, desired):
-    """Write the assignments that steps 3 and 4 changed; return the file's state now.
-
-    The API may have changed the file since step 2 read it, so we re-read it and
-    only change a line that still says what we read (optimistic concurrency,
-    like resourceVersion on a Kubernetes update). A line changed meanwhile
-    is left alone: the next tick decides again with fresh data."""
-    with editing_desired_state() as current:
-        for name, node in desired.items():
-            if node != declared[name] and name in current and current[name] == declared[name]:
-                current[name] = node
-        return dict(current)
-
-
-def reconcile(observed, desired):
-    """Step 5: diff observed against desired on every node that answered, then start/stop.
-
-    All of a node's actions go in one SSH command; nodes act in parallel.
-    Returns ({node: error} for the nodes whose actions failed (retried next
-    tick), whether anything was started or stopped).
-    A NotReady node is acted on too: its containers were moved away, so what
-    still runs there is stopped, and a node that works again proves it here."""
-    plan = plan_reconcile(observed, desired)
-    for node in failed_actions:
-        if node in observed and node not in plan:
-            plan[node] = ([], [], [])  # nothing to do, but try: does it work again?
-    commands = {node: act_command(node, to_keep, to_start)
-                for node, (to_start, _, to_keep) in plan.items()}
-    results = on_every_node(commands)
-    failures = {node: result for node, result in results.items() if isinstance(result, Exception)}
-    acted = any(plan[node][0] or plan[node][1] for node in plan if node not in failures)
-    for node, result in results.items():
-        if isinstance(result, NodeError):
-            failed_actions[node] = describe(result)
-        elif node not in failures:
-            failed_actions.pop(node, None)
-    for node, (to_start, to_stop, _) in plan.items():
-        ok = node not in failures
-        decide("reconcile", node=node, ok=ok, error=describe(failures[node]) if not ok else None,
-               should_run=[name for name, assigned in desired.items() if assigned == node][:LIST_LIMIT],
-               ran=[cut_text(name) for name in observed[node][:LIST_LIMIT]],
-               ran_count=len(observed[node]), start=to_start[:LIST_LIMIT],
-               stop=[cut_text(name) for name in to_stop[:LIST_LIMIT]], stop_count=len(to_stop))
-        for name in to_stop[:LIST_LIMIT]:
-            say("stop", action="stop", ok=ok, name=shown(name), node=node)
-        if len(to_stop) > LIST_LIMIT:
-            say("stop_more", more=count_of(len(to_stop) - LIST_LIMIT, "number"), node=node)
-        for name in to_start:
-            say("start", action="start", ok=ok, name=name, node=node)
-        if not ok:
-            say("actions_failed", node=node, error=describe(failures[node]))
-    return failures, acted
-
-
-def run_tick(trigger):
-    """One pass of the control loop: the five steps of the lesson. Returns True if it acted."""
-    begin_tick(trigger)
-
-    say("step_1")  # OBSERVE what really runs (the kubelets report it)
-    observed = get_current_state()
-
-    say("step_2")  # READ what the users declared (the API server's objects)
-    declared = get_desired_state()
-
-    say("step_3")  # CLEANUP dead nodes (the node lifecycle controller)
-    # A node in its grace period keeps its containers: it may only be cut off.
-    holding_nodes = observed.live_nodes + list(observed.waiting)
-    desired, orphans = cleanup_dead_nodes(declared, holding_nodes)
-    explain_cleanup(orphans, observed)
-
-    say("step_4")  # SCHEDULE what has no node (kube-scheduler)
-    desired, placements = schedule(desired, observed.live_nodes)
-    for name, node, loads in placements:
-        say("schedule", action="schedule", name=name, node=node)
-        decide("schedule", name=name, node=node, loads=loads)
-    unscheduled = [name for name, node in desired.items() if node is None]
-    for name in unscheduled:
-        say("unschedulable", name=name)
-    desired = save_assignments(declared, desired)  # steps 3 and 4 go into the file
-
-    say("step_5")  # RECONCILE: diff, then act (every controller's sync)
-    failures, acted = reconcile(observed.running, desired)
-
-    end_tick(failures, unscheduled)
-    return acted
-
-
-# ---------------------------------------------------------------------------
-# When to tick: the timer, API changes, and the teacher's pause and step
-# ---------------------------------------------------------------------------
-# Watch plus resync, as Kubernetes informers do: an API change wakes the loop
-# at once (the watch: fast), and the timer ticks every TICK_SECONDS anyway (the
-# resync: safe). Each tick re-reads the whole state (level-triggered), so a
-# missed wake-up, a hand edit or a node dying behind our back is seen next tick.
-
-class LoopTimer:
-    """Decides when the next tick runs."""
-
-    def __init__(self):
-        self.condition = threading.Condition()
-        self.paused = False
-        self.steps_requested = 0
-        self.woken = False
-        self.next_tick_at = None  # wall-clock time, for the API and the page
-
-    def wake(self):
-        """Something changed: tick now (ignored while paused)."""
-        with self.condition:
-            self.woken = True
-            self.condition.notify_all()
-
-    def pause(self):
-        with self.condition:
-            self.paused = True
-            self.condition.notify_all()
-
-    def resume(self):
-        with self.condition:
-            self.paused, self.steps_requested, self.woken = False, 0, True
-            self.condition.notify_all()
-
-    def step(self):
-        """Run exactly one tick now and stay paused, like a debugger's step."""
-        with self.condition:
-            self.paused = True
-            self.steps_requested += 1
-            self.condition.notify_all()
-
-    def wait_for_next_tick(self, check_soon=False):
-        """Sleep until the next tick is due; return why it runs, or None at shutdown.
-
-        Why: 'timer', 'wake' (an API change), 'step' (the teacher's), or
-        'requeue' (check_soon: the last tick acted, check its work soon). The
-        timer runs on time.monotonic(), which only goes forward: if the
-        laptop's clock is set back an hour, the loop still ticks on time."""
-        with self.condition:
-            deadline = time.monotonic() + (REQUEUE_SECONDS if check_soon else TICK_SECONDS)
-            was_paused = False
-            while not shutting_down.is_set():
-                if self.paused:
-                    if not was_paused:
-                        say("paused")
-                        was_paused = True
-                    self.next_tick_at = None
-                    if self.steps_requested:
-                        self.steps_requested -= 1
-                        return "step"
-                    self.condition.wait()
-                    continue
-                if was_paused:
-                    say("resumed")
-                    was_paused = False
-                # For the page: when the next tick runs, on the wall clock.
-                self.next_tick_at = time.time() + deadline - time.monotonic()
-                if self.woken:
-                    self.woken = False
-                    return "wake"
-                if time.monotonic() >= deadline:
-                    return "requeue" if check_soon else "timer"
-                self.condition.wait(deadline - time.monotonic())
-            return None
-
-    def status(self):
-        with self.condition:
-            return {"paused": self.paused, "next_tick_at": self.next_tick_at,
-                    "tick_seconds": TICK_SECONDS, "tick_count": tick_count}
-
-
-loop_timer = LoopTimer()
-shutting_down = threading.Event()
-
-
-def control_loop():
-    """The control loop: tick, wait, tick again, until the process is stopped."""
-    trigger = "start"
-    while True:
-        acted = False
+    A problem is (line number, line, reason): bad lines are reported and
+    skipped, never fatal, because a hand edit must not stop the loop."""
+    desired, problems = {}, []
+    for number, line in enumerate(split_lines(text), start=1):
         try:
-            acted = run_tick(trigger)
-        except ShuttingDown:
-            return
-        except Exception as error:  # nothing short of a shutdown ends the loop
-            fail_tick(error)
-        # A tick that acted is checked soon after, once (a check that acts again
-        # waits for the timer: a node that keeps changing cannot make us spin).
-        trigger = loop_timer.wait_for_next_tick(check_soon=acted and trigger != "requeue")
-        if trigger is None:  # shutting down
-            return
+            entry = parse_line(line)
+        except ValueError as error:
+            problems.append((number, line, str(error)))
+            continue
+        if entry is None:
+            continue
+        name, node = entry
+        if name in desired:
+            problems.append((number, line, "duplicate"))
+            continue
+        desired[name] = node
+    return desired, problems
+
+
+def format_entry(name, node):
+    """One line of desired_state.txt: 'nginx' or 'nginx:node-1'."""
+    return name if node is None else f"{name}:{node}"
+
+
+def render_desired_state(text, desired):
+    """Rewrite the file's text so that it declares `desired`, changing only the lines that must.
+
+    Comments, blank lines and invalid lines stay as they are; a container no
+    longer desired loses its line(s); a new one gets a line at the end. The
+    file keeps its own line endings (CRLF if it was saved on Windows) and its
+    byte order mark, if it had one."""
+    lines, seen = [], set()
+    for line in split_lines(text):
+        try:
+            entry = parse_line(line)
+        except ValueError:
+            entry = None
+        if entry is None:
+            lines.append(line)
+            continue
+        name, node = entry
+        if name not in desired:
+            continue
+        if name in seen or desired[name] == node:
+            lines.append(line)  # a duplicate stays as it was, and reported
+        else:
+            comment = line.partition("#")[2]
+            lines.append(format_entry(name, desired[name]) + (f"  #{comment}" if comment else ""))
+        seen.add(name)
+    lines += [format_entry(name, node) for name, node in desired.items() if name not in seen]
+    newline = "\r\n" if "\r\n" in text else "\n"
+    bom = BYTE_ORDER_MARK if text.startswith(BYTE_ORDER_MARK) else ""
+    return bom + "".join(line + newline for line in lines)
+
+
+def read_desired_text():
+    """The text of desired_state.txt, line endings untouched ("" when there is no file)."""
+    try:
+        with open(DESIRED_STATE_FILE, encoding="utf-8", errors="replace", newline="") as file:
+            return file.read()
+    except FileNotFoundError:
+        return ""
+
+
+def write_atomically(path, text):
+    """Write to a temp file in the same directory, fsync, then rename over the file.
+
+    A reader (or a crash) sees the old file or the new one, never half of one.
+    The new file keeps the old one's owner and mode: the controller often runs
+    as root (in its container), and the teacher who owns the file must still
+    be able to edit it by hand afterwards."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        owner = os.stat(path)
+    except FileNotFoundError:
+        owner = os.stat(directory)  # a new file belongs to whoever owns the directory
+    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".desired_state.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp_path, 0o644 if stat.S_ISDIR(owner.st_mode) else stat.S_IMODE(owner.st_mode))
+        if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(temp_path, owner.st_uid, owner.st_gid)
+            except PermissionError:
+                pass  # not root: the file becomes ours, which we can still edit
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+@contextmanager
+def editing_desired_state():
+    """Read-modify-write of desired_state.txt under the lock: change the dict, it is saved."""
+    with desired_lock:
+        text = read_desired_text()
+        desired, _ = parse_desired_state(text)
+        before = dict(desired)
+        yield desired
+        if desired != before:
+            write_atomically(DESIRED_STATE_FILE, render_desired_state(text, desired))
 
 
 # ---------------------------------------------------------------------------
-# What the API shows: the last observation and the last ticks
+# What the API shows: the last observation and the last ticks (in Kubernetes,
+# the nodes' and pods' status, and events)
 # ---------------------------------------------------------------------------
 # Written by the loop, read by the API thread, guarded by one lock.
 status_lock = threading.Lock()
 
 
 def unobserved_node():
+    """What the API says of a node before its first observation."""
     return {"condition": "Unknown", "reason": None, "up": False, "containers": [],
             "container_count": 0, "last_seen": None, "since": None, "error": None,
             "eviction_in": None, "eviction_at": None}
@@ -944,6 +953,7 @@ def remember_observation(observation):
 
 
 def begin_tick(trigger):
+    """Print a tick's header (its time, and why it runs), and open its record for the page."""
     global current_tick, tick_count
     tick_count += 1
     current_tick = {"number": tick_count, "mode": trigger, "started_at": time.time(),
@@ -968,12 +978,22 @@ def end_tick(failures, unscheduled, failed=None):
     emit(verdict)
     now = time.time()
     current_tick.update(finished_at=now, converged=not reasons, failed=failed is not None,
-                        verdict=verdict.strip(),
+                        verdict=verdict.strip(), actions=actions_of(current_tick["decisions"]),
                         duration_ms=round(1000 * (now - current_tick["started_at"]), 1))
     with status_lock:
         recent_ticks.append(current_tick)
         last_tick_finished = time.monotonic()
         failed_ticks_in_a_row = failed_ticks_in_a_row + 1 if failed else 0
+
+
+def actions_of(decisions):
+    """The tick's actions, one per container, for the page's "… sent" marks."""
+    actions = [{"kind": step, "name": d["name"], "node": d["node"], "ok": True}
+               for step in ("cleanup", "schedule") for d in decisions[step]]
+    for d in decisions["reconcile"]:
+        actions += [{"kind": "stop", "name": name, "node": d["node"], "ok": d["ok"]} for name in d["stop"]]
+        actions += [{"kind": "start", "name": name, "node": d["node"], "ok": d["ok"]} for name in d["start"]]
+    return actions
 
 
 def fail_tick(error):
@@ -1014,13 +1034,15 @@ def container_views(desired):
 
 
 def node_views():
+    """The API's view of each node: its condition, what it ran, since when."""
     with status_lock:
         return [{"name": node, "address": address(node), "handshakes": handshakes[node],
                  **node_status[node]} for node in NODES]
 
 
 # ---------------------------------------------------------------------------
-# The REST API: it only reads and writes the desired state, then wakes the loop
+# The REST API: it only reads and writes the desired state, then wakes the
+# loop (kube-apiserver's job, in Kubernetes)
 # ---------------------------------------------------------------------------
 api = Flask(__name__)
 api.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a name is short; refuse huge bodies
@@ -1028,12 +1050,13 @@ api.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a name is short; refuse huge bod
 
 @api.errorhandler(HTTPException)
 def json_error(error):
+    """Every HTTP error (400, 401, 404, 405, 409, 413) as JSON, never an HTML page."""
     return jsonify(error=error.description), error.code
 
 
 @api.errorhandler(Exception)
 def unexpected_error(error):
-    # A bug or a full disk, never bad input: still JSON, never an HTML page.
+    """A bug or a full disk, never bad input: still JSON, never an HTML page."""
     return jsonify(error=f"internal error: {describe(error)}"), 500
 
 
@@ -1063,6 +1086,7 @@ def require_token_to_write():
 
 @api.post("/api/containers")
 def create_container():
+    """POST /api/containers {"name": "nginx"}: declare a container (201), then wake the loop."""
     # force=True: a curl without "Content-Type: application/json" still works.
     body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
@@ -1083,12 +1107,14 @@ def create_container():
 
 @api.get("/api/containers")
 def list_containers():
+    """GET /api/containers: every declared container, with its node and status."""
     desired, _ = parse_desired_state(read_desired_text())
     return jsonify(container_views(desired))
 
 
 @api.get("/api/containers/<name>")
 def get_container(name):
+    """GET /api/containers/<name>: one container, or 404."""
     desired, _ = parse_desired_state(read_desired_text())
     if name not in desired:
         abort(404, f"no container named {name!r}")
@@ -1097,6 +1123,7 @@ def get_container(name):
 
 @api.delete("/api/containers/<name>")
 def delete_container(name):
+    """DELETE /api/containers/<name>: forget a container; the loop then stops it."""
     with editing_desired_state() as desired:
         if name not in desired:
             abort(404, f"no container named {name!r}")
@@ -1107,6 +1134,7 @@ def delete_container(name):
 
 @api.get("/api/nodes")
 def list_nodes():
+    """GET /api/nodes: each node's condition and what it ran."""
     return jsonify(node_views())
 
 
@@ -1130,11 +1158,13 @@ def healthz():
 # Teaching controls: the same as the page's buttons, usable with curl.
 @api.get("/api/loop")
 def loop_status():
+    """GET /api/loop: paused or not, when the next tick runs, how many ticks so far."""
     return jsonify(loop_timer.status())
 
 
 @api.post("/api/loop/<command>")
 def loop_command(command):
+    """POST /api/loop/pause, /step or /resume: the teacher's controls."""
     actions = {"pause": loop_timer.pause, "resume": loop_timer.resume, "step": loop_timer.step}
     if command not in actions:
         abort(404, "loop commands are pause, step and resume")
@@ -1161,11 +1191,13 @@ def state():
 
 @api.get("/")
 def classroom_page():
+    """GET /: the classroom page (dashboard.html), which polls /api/state."""
     return send_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html"))
 
 
 # ---------------------------------------------------------------------------
-# The tick log, in English or in the seed's French
+# The tick log, in English or in the seed's French (kubectl get events and
+# the controllers' logs, in Kubernetes)
 # ---------------------------------------------------------------------------
 MESSAGES = {
     "en": {
@@ -1273,6 +1305,7 @@ MESSAGES = {
 
 
 def message(key, **values):
+    """The log line `key` in LOG_LANG, with its values filled in."""
     return MESSAGES[LOG_LANG][key].format(**values)
 
 
@@ -1284,26 +1317,25 @@ def emit(text):
         pass  # the line is lost, the tick goes on; /api/state still has it
 
 
-def say(key, action=None, ok=True, **values):
-    """Print one line of the tick log now, and keep it for the API and the page.
+def begin_step(number):
+    """Print a step's title, and open its record for the page."""
+    title = message(f"step_{number}")
+    emit(title)
+    if current_tick is not None and not current_tick.get("finished_at"):
+        current_tick["steps"].append({"number": number, "title": title.strip(), "lines": []})
 
-    `action` ("cleanup", "schedule", "start", "stop") also records the line as
-    one of the tick's decisions, which the page draws on the nodes."""
+
+def say(key, **values):
+    """Print one line of the tick log now, and keep it with its step for the page."""
     text = message(key, **values)
     emit(text)
-    if current_tick is None or current_tick.get("finished_at"):
+    if current_tick is None or current_tick.get("finished_at") or not current_tick["steps"]:
         return
-    if key.startswith("step_"):
-        current_tick["steps"].append({"number": int(key[-1]), "title": text.strip(), "lines": []})
-    elif current_tick["steps"]:
-        lines = current_tick["steps"][-1]["lines"]
-        if len(lines) < MAX_LINES_KEPT:
-            lines.append(text.strip())
-        else:
-            current_tick["lines_dropped"] += 1
-    if action and len(current_tick["actions"]) < MAX_LINES_KEPT:
-        current_tick["actions"].append(
-            {"kind": action, "name": values["name"], "node": values["node"], "ok": ok})
+    lines = current_tick["steps"][-1]["lines"]
+    if len(lines) < MAX_LINES_KEPT:
+        lines.append(text.strip())
+    else:
+        current_tick["lines_dropped"] += 1
 
 
 def decide(step, **decision):
@@ -1372,7 +1404,7 @@ def describe(error):
 
 
 # ---------------------------------------------------------------------------
-# Entry point
+# Entry point: check the settings, start the API thread and the loop
 # ---------------------------------------------------------------------------
 
 def check_configuration():
@@ -1384,6 +1416,7 @@ def check_configuration():
 
 
 def main():
+    """Check the settings, start the API thread and the control loop, stop on SIGTERM or Ctrl-C."""
     check_configuration()
     # The tick log is the lesson: keep out of it one access-log line per request,
     # and paramiko's traceback for every node that does not answer (the tick log
@@ -1398,6 +1431,7 @@ def main():
         nodes=", ".join(NODES), tick=TICK_SECONDS)
 
     def stop(signum, frame):
+        """SIGTERM or Ctrl-C: end the loop (a tick in progress finishes or is abandoned)."""
         shutting_down.set()
         loop_timer.wake()
 

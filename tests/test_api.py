@@ -480,7 +480,7 @@ def test_a_token_no_header_can_carry_stops_the_start_without_showing_it(tmp_path
     result = subprocess.run([sys.executable, "app_controller.py"], env=env, cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("pull-mode: bad setting API_TOKEN: must be printable ASCII "
+    assert result.stderr.strip() == ("pull-mode: bad setting API_TOKEN: expected printable ASCII "
                                      "without spaces (openssl rand -hex 16 makes one)")
     assert token.strip() not in result.stderr + result.stdout
 
