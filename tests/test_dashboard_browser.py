@@ -293,10 +293,15 @@ def test_dead_node_turns_down_and_its_containers_move(page, ctl, cluster):
     page.screenshot("node-down")
 
     # Back with its old file: what it still lists now runs elsewhere, a zombie to stop.
+    # Paused, then one step: the page keeps that tick's observation until resume
+    # (a running loop checks its work 0.3 s later, quicker than the page polls).
+    assert ctl.post("/api/loop/pause")[0] == 200
     cluster[victim].start()
+    assert ctl.post("/api/loop/step")[0] == 200
     page.wait_for(lambda s: s["nodes"][victim]["up"] and "zombie" in s["nodes"][victim]["chips"].values(),
                   f"zombies on {victim}")
     page.screenshot("zombie")
+    assert ctl.post("/api/loop/resume")[0] == 200
     page.wait_for(lambda s: s["nodes"][victim]["up"] and "zombie" not in s["nodes"][victim]["chips"].values(),
                   f"the zombies on {victim} stopped")
 
