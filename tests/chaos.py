@@ -302,9 +302,9 @@ class Result:
         for kind in DECK:
             lines.append(f"  {kind:<56}{self.faults[kind]:>7}")
         lines.append(f"  {'total':<56}{sum(self.faults.values()):>7}")
-        lines += ["", f"{'Invariant checks':<76}{'held':>7}{'failed':>8}"]
+        lines += ["", f"{'Invariant checks':<82}{'held':>7}{'failed':>8}"]
         for key, label in INVARIANTS:
-            lines.append(f"  {label:<74}{self.held[key]:>7}{self.failed[key]:>8}")
+            lines.append(f"  {label:<80}{self.held[key]:>7}{self.failed[key]:>8}")
         times = self.converge_times
         if times:
             lines += ["", f"Time to converge after the last fault: {times[-1]:.2f} s "
@@ -365,7 +365,7 @@ class Chaos:
         self.history = History()
         self.monitor = Monitor(ctl)
         self.t0 = time.monotonic()
-        self.intruders = 0
+        self.last_fault = time.monotonic()
 
     def now(self):
         return time.monotonic() - self.t0
@@ -426,16 +426,21 @@ class Chaos:
         return nodes
 
     def next_fault(self):
-        """The next fault kind from the deck, and its target node; a kind with no
-        eligible node (nothing to bring back...) is skipped."""
+        """The next fault kind from the deck, and its target node. A kind with no eligible
+        node right now (nothing to bring back) goes to the bottom of the deck; if no card
+        left is playable, the deck is dropped and a new one dealt."""
+        postponed = 0
         while True:
-            if not self.deck:
+            if not self.deck or postponed > len(self.deck):
                 self.deck = [kind for kind, copies in DECK.items() for _ in range(copies)]
                 self.plan.shuffle(self.deck)
+                postponed = 0
             kind = self.deck.pop()
             candidates = self.eligible(kind)
             if candidates:
                 return kind, self.plan.choice(candidates)
+            self.deck.insert(0, kind)
+            postponed += 1
 
     def inject(self, kind, node):
         action = {
@@ -645,6 +650,9 @@ class Chaos:
     def chaos(self, seconds):
         end = time.monotonic() + seconds
         while time.monotonic() < end:
+            # The pause comes before the fault, so the calm window starts right after
+            # the last one and the time to converge is measured from it.
+            time.sleep(self.plan.uniform(0.1, 1.0))
             self.restart_if_crashed()
             kind, node = self.next_fault()
             try:
@@ -652,7 +660,7 @@ class Chaos:
             except Exception as error:  # a fault that could not be injected is reported, not fatal
                 self.result.failures.append(("script", f"injecting {kind!r} raised {error!r}"))
                 self.log(f"[{self.now():7.1f}s] {kind}: raised {error!r}")
-            time.sleep(self.plan.uniform(0.1, 1.0))
+        self.last_fault = time.monotonic()
 
     def convergence_problems(self):
         """What stops the cluster from being converged right now ([] if it is)."""
@@ -683,13 +691,16 @@ class Chaos:
 
     def calm(self):
         """Stop the faults, bring every node back, check every invariant."""
-        for node in self.cluster:
+        recovered = [node for node in self.cluster if node.hung or not node.alive]
+        for node in recovered:
             if node.hung:
                 node.unhang()
-            elif not node.alive:
+            else:
                 node.start()
         self.restart_if_crashed()
-        faults_stopped = time.monotonic()
+        # The faults stopped when the last one was injected, or, if nodes were down or
+        # hung, when the last of them answered again.
+        faults_stopped = time.monotonic() if recovered else self.last_fault
         deadline = faults_stopped + self.converge_limit
         while True:
             problems, declared = self.convergence_problems()
