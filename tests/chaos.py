@@ -276,14 +276,21 @@ class Result:
     controller_starts: int = 0
     sigterm_seconds: list = field(default_factory=list)
     seconds: float = 0.0
+    # The burst threads count too, and `counter[key] += 1` is not atomic across threads.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def check(self, invariant, ok, message=""):
-        if ok:
-            self.held[invariant] += 1
-        else:
-            self.failed[invariant] += 1
-            self.failures.append((invariant, message))
+        with self.lock:
+            if ok:
+                self.held[invariant] += 1
+            else:
+                self.failed[invariant] += 1
+                self.failures.append((invariant, message))
         return ok
+
+    def count(self, request):
+        with self.lock:
+            self.requests[request] += 1
 
     @property
     def ok(self):
@@ -316,7 +323,8 @@ class Result:
         lines += [
             f"Peak RSS of the controller: {self.peak_rss_mb:.0f} MB sampled, "
             f"{self.peak_hwm_mb:.0f} MB high-water mark (VmHWM); limit {s['rss_limit_mb']:g} MB",
-            f"Ticks run: {self.ticks:,} (controller started {self.controller_starts} times; "
+            f"Ticks run: {self.ticks:,} (controller started {self.controller_starts} "
+            f"time{'s' if self.controller_starts != 1 else ''}; "
             f"SIGTERM to exit: max {max(self.sigterm_seconds, default=0):.2f} s)",
             "API requests: " + ", ".join(f"{k} ×{v:,}" for k, v in sorted(self.requests.items()))
             + f"; (name, window) pairs left unchecked because the last operations "
@@ -378,10 +386,8 @@ class Chaos:
             status, payload = self.ctl.request(method, path, body, raw=raw, timeout=API_TIMEOUT)
         except urllib.error.URLError as error:
             refused = isinstance(error.reason, ConnectionRefusedError)
-            self.result.requests["refused" if refused else "no answer"] += 1
             return None, "refused" if refused else repr(error.reason)
         except (OSError, http.client.HTTPException) as error:
-            self.result.requests["no answer"] += 1
             return None, repr(error)
         self.result.check("no_5xx", status < 500,
                           f"{method} {path} answered {status}: {str(payload)[:200]}")
@@ -397,7 +403,7 @@ class Chaos:
             status, payload = self.call("DELETE", f"/api/containers/{name}")
             outcome = {200: "absent", 404: "absent"}.get(status)
         end = self.now()
-        self.result.requests[f"{method} {status or 'no answer'}"] += 1
+        self.result.count(f"{method} {status or ('refused' if payload == 'refused' else 'no answer')}")
         if status is None and payload == "refused":
             return  # the connection was refused: the request never reached the controller
         if outcome is None:
@@ -544,8 +550,9 @@ class Chaos:
 
     def edit_lines(self, kind, lines):
         """Change `lines` in place for the edit `kind`; return what was done."""
-        def code(line):  # a rough split, enough to find a container's line
-            return line.partition("#")[0].strip().partition(":")
+        def code(line):  # (name, colon, node): a rough split, enough to find a container's line
+            name, colon, node = line.partition("#")[0].partition(":")
+            return name.strip(), colon, node.strip()
 
         containers = [i for i, line in enumerate(lines) if code(line)[0]]
         node_names = list(self.cluster.nodes)
@@ -575,7 +582,7 @@ class Chaos:
             old, lines[i] = lines[i], f"{name}:{target}"
             return f"{old!r} -> {lines[i]!r}"
         if kind == "hand edit: spaces around the colon":
-            old, lines[i] = lines[i], f"{name} : {node.strip() or self.plan.choice(node_names)}"
+            old, lines[i] = lines[i], f"{name} : {node or self.plan.choice(node_names)}"
             return f"{old!r} -> {lines[i]!r}"
         if kind == "hand edit: UTF-8 BOM":
             return f"file saved with a BOM (first line {lines[0]!r})" if lines else "BOM"
@@ -603,7 +610,7 @@ class Chaos:
             for method, name, bad in plan:
                 if bad:
                     status, _ = self.call("POST", "/api/containers", raw=bad_body)
-                    self.result.requests[f"bad POST {status or 'no answer'}"] += 1
+                    self.result.count(f"bad POST {status or 'no answer'}")
                     if status is not None:
                         self.result.check("bad_400", status == 400,
                                           f"POST {bad_body[:40]!r} answered {status}")
@@ -615,7 +622,7 @@ class Chaos:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=3 * API_TIMEOUT * 6)  # bounded: each request has its timeout
+            t.join(timeout=API_TIMEOUT * 8)  # bounded: at most 6 requests, each with its timeout
         return f"{len(plans)} threads, {sum(len(p) for p in plans)} requests"
 
     # -- the controller ------------------------------------------------------
