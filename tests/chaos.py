@@ -556,6 +556,9 @@ class Chaos:
 
         containers = [i for i, line in enumerate(lines) if code(line)[0]]
         node_names = list(self.cluster.nodes)
+        # Drawn whether or not it is used, so the plan's sequence never depends on the
+        # file's contents.
+        pick = self.plan.randrange(len(node_names) - 1)
         if kind == "hand edit: lines added":
             added = []
             for _ in range(self.plan.randint(1, 3)):
@@ -573,16 +576,16 @@ class Chaos:
             return "no container line to edit"
         i = self.content.choice(containers)
         name, colon, node = code(lines[i])
+        target = [n for n in node_names if n != node][pick] if node in node_names else node_names[pick]
         if kind == "hand edit: a line removed":
             removed = [line for line in lines if code(line)[0] == name]
             lines[:] = [line for line in lines if code(line)[0] != name]
             return f"removed {', '.join(map(repr, removed))}"
         if kind == "hand edit: a container moved":
-            target = self.plan.choice(node_names)
             old, lines[i] = lines[i], f"{name}:{target}"
             return f"{old!r} -> {lines[i]!r}"
         if kind == "hand edit: spaces around the colon":
-            old, lines[i] = lines[i], f"{name} : {node or self.plan.choice(node_names)}"
+            old, lines[i] = lines[i], f"{name} : {node or target}"
             return f"{old!r} -> {lines[i]!r}"
         if kind == "hand edit: UTF-8 BOM":
             return f"file saved with a BOM (first line {lines[0]!r})" if lines else "BOM"
@@ -676,7 +679,8 @@ class Chaos:
         if status != 200 or status_nodes != 200:
             return [f"API: GET /api/containers {status}, GET /api/nodes {status_nodes}"], {}
         declared = {c["name"]: c["node"] for c in listing}
-        up = {n["name"] for n in nodes if n["up"]}
+        # "up" today; a Kubernetes-like "condition" once nodes can be NotReady (issue 8).
+        up = {n["name"] for n in nodes if n.get("up") is True or n.get("condition") == "Ready"}
         where = {}
         for node in self.cluster:
             for line in running_lines(node.state_file):
