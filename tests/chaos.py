@@ -288,6 +288,10 @@ class Result:
                 self.failures.append((invariant, message))
         return ok
 
+    def __repr__(self):  # short: pytest shows it next to a failing assertion
+        return (f"Result(seed={self.seed}, {sum(self.faults.values())} faults, "
+                f"{len(self.failures)} failed checks)")
+
     def count(self, request):
         with self.lock:
             self.requests[request] += 1

@@ -50,17 +50,23 @@ def run(tmp_path_factory, request):
 
 
 def failures(result, *invariants):
+    """The failed checks of these invariants, one per line ("" if none failed)."""
     return "\n".join(f"[{i}] {m}" for i, m in result.failures if i in invariants)
+
+
+def assert_held(result, *invariants):
+    problems = failures(result, *invariants)
+    assert problems == "", "\n" + problems
 
 
 def test_every_kind_of_fault_was_injected(run):
     missing = [kind for kind in chaos.DECK if run.faults[kind] == 0]
     assert missing == [], f"never injected: {missing}"
-    assert failures(run, "script") == ""
+    assert_held(run, "script")
 
 
 def test_cluster_converges_within_two_ticks_after_every_calm_window(run):
-    assert failures(run, "converged", "stable") == ""
+    assert_held(run, "converged", "stable")
     assert run.held["converged"] == CALM_WINDOWS
     assert run.held["stable"] == CALM_WINDOWS
     assert len(run.converge_times) == CALM_WINDOWS
@@ -68,14 +74,14 @@ def test_cluster_converges_within_two_ticks_after_every_calm_window(run):
 
 
 def test_no_acknowledged_post_delete_or_hand_edit_is_lost(run):
-    assert failures(run, "post", "delete", "edit") == ""
+    assert_held(run, "post", "delete", "edit")
     # Something to check in each category: names last POSTed, DELETEd and edited by hand.
     assert run.held["post"] > 0 and run.held["delete"] > 0 and run.held["edit"] > 0
     assert run.requests["POST 201"] > 0 and run.requests["DELETE 200"] > 0
 
 
 def test_controller_never_crashes_and_exits_0_on_sigterm(run):
-    assert failures(run, "up", "sigterm", "traceback", "ticking") == ""
+    assert_held(run, "up", "sigterm", "traceback", "ticking")
     # The deck holds one SIGTERM-and-restart, plus the final SIGTERM.
     assert run.held["sigterm"] >= 2 and run.controller_starts >= 2
     assert run.held["up"] >= FAULT_SECONDS  # about two samples a second
@@ -84,10 +90,10 @@ def test_controller_never_crashes_and_exits_0_on_sigterm(run):
 
 
 def test_controller_memory_stays_under_150_mb(run):
-    assert failures(run, "rss") == ""
+    assert_held(run, "rss")
     assert 0 < max(run.peak_rss_mb, run.peak_hwm_mb) <= RSS_LIMIT_MB
 
 
 def test_api_never_answers_5xx_and_refuses_bad_requests_with_400(run):
-    assert failures(run, "no_5xx", "bad_400") == ""
+    assert_held(run, "no_5xx", "bad_400")
     assert run.held["no_5xx"] > 100 and run.held["bad_400"] > 0
