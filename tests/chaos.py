@@ -516,9 +516,9 @@ class Chaos:
         """Edit desired_state.txt as a teacher would, between two ticks; record in the
         history every name whose declaration the edit changed (as the API then says)."""
         # Edit right after a tick ends: the controller then leaves the file alone for
-        # about a second. Editing while the loop rewrites the file (to save assignments)
-        # can lose the edit, a race that a teacher at a keyboard practically never hits
-        # and that this run does not try to provoke.
+        # about a second. A save that lands inside the loop's own read-modify-write of
+        # the file (the few milliseconds it takes to save assignments) is overwritten by
+        # it; this run does not try to provoke that race, it tests the rest.
         mark = self.ctl.mark()
         try:
             self.ctl.wait_for_line(VERDICT, timeout=15, after=mark)
