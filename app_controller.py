@@ -45,7 +45,6 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import paramiko
@@ -323,11 +322,13 @@ def save_assignments(declared, assignments):
     only change a line that still says what we read (optimistic concurrency,
     like resourceVersion on a Kubernetes update). A line changed meanwhile
     is left alone: the next tick decides again with fresh data."""
-    with editing_desired_state() as current:
+    def keep_what_we_decided(current):
         for name, node in assignments.items():
             if node != declared[name] and name in current and current[name] == declared[name]:
                 current[name] = node
         return dict(current)
+
+    return update_desired_state(keep_what_we_decided)
 
 
 def reconcile(observed, desired):
@@ -866,10 +867,12 @@ def read_desired_text():
         return ""
 
 
-def write_atomically(path, text):
+def write_atomically(path, text, unless_changed_since=False):
     """Write to a temp file in the same directory, fsync, then rename over the file.
 
     A reader (or a crash) sees the old file or the new one, never half of one.
+    unless_changed_since: a file_version(); if the file is no longer that
+    version when we are about to rename, write nothing and return False.
     The new file keeps the old one's owner and mode: the controller often runs
     as root (in its container), and the teacher who owns the file must still
     be able to edit it by hand afterwards."""
@@ -890,22 +893,49 @@ def write_atomically(path, text):
                 os.chown(temp_path, owner.st_uid, owner.st_gid)
             except PermissionError:
                 pass  # not root: the file becomes ours, which we can still edit
+        if unless_changed_since is not False and file_version(path) != unless_changed_since:
+            os.unlink(temp_path)
+            return False  # someone edited it meanwhile: the caller starts again
         os.replace(temp_path, path)
+        return True
     except BaseException:
         os.unlink(temp_path)
         raise
 
 
-@contextmanager
-def editing_desired_state():
-    """Read-modify-write of desired_state.txt under the lock: change the dict, it is saved."""
+class EditedMeanwhile(Exception):
+    """desired_state.txt kept changing under us: give up this once, nothing was written."""
+
+
+def update_desired_state(change):
+    """Let change(desired) modify the declared containers, then save them; return what change returns.
+
+    Under the lock, so the API and the loop never lose each other's update. A
+    teacher's editor takes no lock: if the file changes while we work, we start
+    again from its new text (compare-and-swap on the file's identity, as a
+    Kubernetes update checks resourceVersion), so a hand edit is never lost."""
     with desired_lock:
-        text = read_desired_text()
-        desired, _ = parse_desired_state(text)
-        before = dict(desired)
-        yield desired
-        if desired != before:
-            write_atomically(DESIRED_STATE_FILE, render_desired_state(text, desired))
+        for _ in range(10):
+            version = file_version(DESIRED_STATE_FILE)
+            text = read_desired_text()
+            declared, _ = parse_desired_state(text)
+            desired = dict(declared)
+            result = change(desired)
+            if desired == declared:
+                return result  # nothing to write
+            if write_atomically(DESIRED_STATE_FILE, render_desired_state(text, desired),
+                                unless_changed_since=version):
+                return result
+        raise EditedMeanwhile("desired_state.txt keeps changing; try again")
+
+
+def file_version(path):
+    """What identifies one version of a file: inode, size, modification time (None: no file)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 # ---------------------------------------------------------------------------
@@ -1054,6 +1084,12 @@ def json_error(error):
     return jsonify(error=error.description), error.code
 
 
+@api.errorhandler(EditedMeanwhile)
+def edited_meanwhile(error):
+    """The file changed under us ten times in a row: nothing was written, say so."""
+    return jsonify(error=str(error)), 409
+
+
 @api.errorhandler(Exception)
 def unexpected_error(error):
     """A bug or a full disk, never bad input: still JSON, never an HTML page."""
@@ -1097,10 +1133,12 @@ def create_container():
     if not is_valid_name(name):
         abort(400, f"{name!r} is not a valid name: use at most 63 lowercase letters, digits "
                    "and '-', starting and ending with a letter or digit (a DNS-1123 label)")
-    with editing_desired_state() as desired:
+    def declare(desired):
         if name in desired:
             abort(409, f"container {name!r} already exists")
         desired[name] = None
+
+    update_desired_state(declare)
     loop_timer.wake()
     return jsonify(container_views({name: None})[0]), 201
 
@@ -1124,10 +1162,12 @@ def get_container(name):
 @api.delete("/api/containers/<name>")
 def delete_container(name):
     """DELETE /api/containers/<name>: forget a container; the loop then stops it."""
-    with editing_desired_state() as desired:
+    def forget(desired):
         if name not in desired:
             abort(404, f"no container named {name!r}")
-        node = desired.pop(name)
+        return desired.pop(name)
+
+    node = update_desired_state(forget)
     loop_timer.wake()  # the loop stops it on its node
     return jsonify(name=name, node=node, deleted=True)
 
@@ -1388,7 +1428,10 @@ def describe(error):
     """Why something failed, in words for people rather than Python's exception text."""
     if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
         error = next(iter(error.errors.values()), error)  # the socket error inside
-    if isinstance(error, (TimeoutError, socket.timeout)) or "banner" in str(error).lower():
+    # paramiko says "Error reading SSH protocol banner" or "Timeout opening channel."
+    # when the node is silent past SSH_TIMEOUT.
+    if isinstance(error, (TimeoutError, socket.timeout)) or any(
+            word in str(error).lower() for word in ("banner", "timeout")):
         return message("reason_timeout", seconds=SSH_TIMEOUT)
     if isinstance(error, socket.gaierror):
         return message("reason_dns")
