@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from compose_stack import API, record
+from compose_stack import API, PORT, REPO, record
 from test_compose_demos import (NODES, SIX_APPS, api_names, log_shows, new_log, placement,
                                 reset, runs_exactly_once, verbatim, wait_until)
 
@@ -31,6 +31,15 @@ APPS = [f"app{i}" for i in range(1, 7)]
 ROUND_ROBIN = {"node-1": ["app1", "app4"], "node-2": ["app2", "app5"], "node-3": ["app3", "app6"]}
 COUNTDOWN = re.compile(r"⚠️  node-1: unavailable for (\d+) s, eviction in (\d+) s")
 PARTITION_SECONDS = 10  # at least: the README's "a 10 s partition"
+
+
+def test_the_readme_shows_these_commands():
+    """The commands below are the README's, character for character (on port 8080)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### 5. A partition: crash or cut cable?", 1)[1].split("\n### ", 1)[0]
+    for command in (DELETE_SIX_APPS, SIX_APPS, DISCONNECT_NODE_1, SEE_FROM_HOST, CONNECT_NODE_1,
+                    GRACE_UP, DEFAULTS_UP, "⚠️  node-1: unavailable for"):
+        assert command.replace(f"localhost:{PORT}", "localhost:8080") in section, command
 
 
 @pytest.fixture
