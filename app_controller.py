@@ -172,7 +172,7 @@ LIST_LIMIT = 20
 # ---------------------------------------------------------------------------
 
 def control_loop():
-    """Tick, wait, tick again, until the process is stopped: the lesson in six lines."""
+    """Tick, wait, tick again, until the process is stopped."""
     trigger = "start"
     while True:
         acted = False
@@ -276,15 +276,15 @@ def get_current_state():
 
 
 def get_desired_state():
-    """Step 2: read desired_state.txt. Bad lines are logged and skipped."""
-    desired, problems = parse_desired_state(read_desired_text())
+    """Step 2: read what desired_state.txt declares. Bad lines are logged and skipped."""
+    declared, problems = parse_desired_state(read_desired_text())
     for number, line, reason in problems[:LIST_LIMIT]:
         say("bad_line", file=os.path.basename(DESIRED_STATE_FILE), number=number,
             line=cut_text(line), reason=reason)
     if len(problems) > LIST_LIMIT:
         say("bad_lines_more", more=count_of(len(problems) - LIST_LIMIT, "number"))
-    say("declared_count", containers=count_of(len(desired), "container"))
-    return desired
+    say("declared_count", containers=count_of(len(declared), "container"))
+    return declared
 
 
 def explain_cleanup(orphans, observation):
