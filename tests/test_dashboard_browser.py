@@ -681,7 +681,7 @@ def test_grace_period_counts_down_and_a_node_back_in_time_moved_nothing(driver, 
         page.wait_for(lambda s: s["nodes"][victim]["up"], f"{victim} up again")
         ctl.wait_ticks(2)  # two complete ticks after it answered again
         # Nothing moved: no cleanup, no placement, each container once, where it was.
-        assert not ctl.find_lines("CLEANUP|SCHEDULE", after=mark), ctl.tail()
+        assert not ctl.find_lines("CLEANUP:|SCHEDULE:", after=mark), ctl.tail()
         assert ctl.find_lines(rf"{victim}: unavailable for \d+ s, eviction in", after=mark)
         listing = {c["name"]: c for c in ctl.get("/api/containers")[1]}
         assert {name: c["node"] for name, c in listing.items()} == placed
