@@ -747,11 +747,13 @@ def observe_command(node):
 
 
 def parse_running_file(output):
-    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES). Returns (names, truncated)."""
+    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES). Returns (names, truncated).
+
+    A file cut short ends with a partial line: we keep it. It is garbage (or
+    the start of one), so step 5 acts on that node, and its action, keeping
+    only the wanted lines, also removes everything we did not read."""
     truncated = len(output) > MAX_READ_BYTES
-    if truncated:
-        output = output[:MAX_READ_BYTES].rpartition(b"\n")[0]  # drop the partial last line
-    text = output.decode("utf-8", errors="replace")
+    text = output[:MAX_READ_BYTES].decode("utf-8", errors="replace")
     return [line for line in text.split("\n") if line], truncated
 
 

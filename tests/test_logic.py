@@ -516,8 +516,18 @@ def test_the_controller_reads_at_most_one_mebibyte_of_a_node_file(node_shell, tm
     monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
     output = run_on(node_shell, c.observe_command("node-1")).stdout
     assert len(output) == c.MAX_READ_BYTES + 1
-    names, cut = c.parse_running_file(output)
-    assert cut and set(names) == {"intruder"}
+    names, truncated = c.parse_running_file(output)
+    assert truncated and set(names[:-1]) == {"intruder"}
+    assert "intruder".startswith(names[-1]), "the line cut at 1 MiB is kept, as garbage"
+
+
+def test_what_lies_past_the_first_mebibyte_is_removed_too(node_shell, tmp_path):
+    """Found by the chaos run: a 1 MB line, then garbage. The controller reads only the
+    first MiB, which holds nothing but the start of the long line: that partial line is
+    still something to stop, so the node's file is rewritten and everything unwanted goes."""
+    prank = "nginx\n" + "x" * 2_000_000 + "\n" + "\x1e\x00garbage\n" * 10 + "intruder\n"
+    after, _ = converge(node_shell, tmp_path, prank, ["nginx"])
+    assert after == "nginx\n"
 
 
 def test_a_directory_instead_of_the_file_is_a_reason_not_a_silence(node_shell, tmp_path, monkeypatch):
