@@ -480,3 +480,37 @@ def test_by_default_there_is_no_token_and_the_api_listens_on_loopback_only():
         result = subprocess.run([sys.executable, "-c", show], env=env, cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=30, check=True)
         assert result.stdout.split() == ["None", "127.0.0.1"]
+
+
+# --- two writers: the API and the loop --------------------------------------------------
+
+def test_concurrent_posts_and_the_loops_writes_lose_no_update(desired_file):
+    """Four API clients declare 60 containers while the loop assigns 30 others, one
+    save_assignments() at a time, as step 4 does: every change is in the file."""
+    old = [f"old{i}" for i in range(30)]
+    desired_file.write_text("# header\n" + "".join(f"{name}\n" for name in old))
+    new = [f"app{i}" for i in range(60)]
+    start = threading.Barrier(5)
+    statuses = []
+
+    def declare(names):
+        client = c.api.test_client()
+        start.wait()
+        statuses.extend(post(client, {"name": name}).status_code for name in names)
+
+    def assign():
+        start.wait()
+        for name in old:
+            c.save_assignments({name: None}, {name: "node-1"})
+
+    threads = [threading.Thread(target=declare, args=(new[k::4],)) for k in range(4)]
+    threads.append(threading.Thread(target=assign))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert statuses == [201] * len(new)
+    desired, problems = c.parse_desired_state(desired_file.read_text())
+    assert problems == []
+    assert desired == {**{name: "node-1" for name in old}, **{name: None for name in new}}
