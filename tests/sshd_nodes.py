@@ -71,27 +71,25 @@ def ssh_banner(host, port, timeout=1.0):
     return line.decode("ascii", "replace") if line.startswith(b"SSH-") else None
 
 
-def wait_for_banner(host, port, timeout=10.0):
+def wait_until(predicate, timeout=15.0, interval=0.05, what="the condition"):
+    """Poll predicate() until it returns something truthy, and return that value.
+
+    The suite's one way to wait: on timeout, raise AssertionError naming `what`
+    was awaited (and the last value seen), so a test fails saying what never came."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ssh_banner(host, port, timeout=0.5):
-            return True
-        time.sleep(0.05)
-    raise TimeoutError(f"no SSH banner on {host}:{port} after {timeout}s")
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
+                                 f"(last value: {value!r:.200})")
+        time.sleep(interval)
 
 
-def _ppid(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
-
-
-def descendants(pid):
-    """PIDs of every live descendant of `pid` (children, grandchildren...), via /proc."""
-    children = {}
+def parent_pids():
+    """{pid: its parent's pid} for every live process, read once from /proc/*/stat."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -99,10 +97,17 @@ def descendants(pid):
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read().decode("ascii", "replace")
         except OSError:
-            continue
+            continue  # it exited meanwhile
         # Field 2 (comm) may contain spaces and parentheses: split after the last ')'.
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    return parents
+
+
+def descendants(pid):
+    """PIDs of every live descendant of `pid` (children, grandchildren...), via /proc."""
+    children = {}
+    for child, parent in parent_pids().items():
+        children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -287,7 +292,7 @@ class SshdNode:
             with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
                 return [int(p) for p in f.read().split()]
         except OSError:  # kernels without /proc/PID/task/TID/children
-            return [p for p in descendants(self.proc.pid) if _ppid(p) == self.proc.pid]
+            return [child for child, parent in parent_pids().items() if parent == self.proc.pid]
 
     def sessions(self):
         """PIDs of the processes forked by this sshd (one tree per SSH connection)."""
@@ -591,21 +596,23 @@ class Controller:
         return self.request("DELETE", path, **kw)
 
     def wait_healthy(self, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
+        """Wait until GET /healthz answers 200; return its body. AssertionError (with the
+        log tail) if it does not within `timeout`, or as soon as the process exits."""
+        def healthy():
             if self.proc.poll() is not None:
-                break
+                raise AssertionError(f"the controller exited with {self.proc.returncode}.\n"
+                                     + self.tail())
             try:
                 status, body = self.get("/healthz", timeout=1.0)
-                if status == 200:
-                    return body
-                last = (status, body)
-            except OSError as e:
-                last = e
-            time.sleep(0.1)
-        raise AssertionError(f"controller not healthy within {timeout}s (last: {last!r}).\n"
-                             + self.tail())
+            except OSError:
+                return None
+            return body if status == 200 else None
+        try:
+            return wait_until(healthy, timeout, 0.1, "GET /healthz to answer 200")
+        except AssertionError as error:
+            if self.proc.poll() is not None:
+                raise
+            raise AssertionError(f"{error}\n{self.tail()}") from None
 
 
 # A tick ends with its verdict: "✅ Converged" / "❌ Not converged: ..." (en) or

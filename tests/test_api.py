@@ -1,7 +1,10 @@
-"""The REST API through Flask's test client, and the loop's timing controls.
+"""The REST API through Flask's test client.
 
-The desired state lives in a temporary file per test; no node is contacted here
-(the control loop, when a test runs it, has no nodes).
+Every test starts from a fresh controller (clean_controller): the desired state in
+a temporary file, no tick, nothing observed, a new loop timer. No node is contacted
+and no loop runs here: the real loop's timer, pause, step and resume are tested
+against the real process in test_loop_controls.py, and what the controller prints
+is kept by the fixture, never in pytest's output.
 """
 
 import json
@@ -16,24 +19,78 @@ import pytest
 
 import app_controller as c
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sshd_nodes import wait_until  # noqa: E402
+
 REPO_ROOT = Path(c.__file__).resolve().parent
 
 
-@pytest.fixture
-def desired_file(tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def printed(tmp_path, monkeypatch):
+    """A fresh controller for every test; returns what it printed (kept out of pytest's output).
+
+    All of app_controller's module state is reset: the desired-state file, the token,
+    the loop timer, the tick counters and records, what was observed, the failed
+    actions, the SSH connections and their handshake counts."""
     path = tmp_path / "desired_state.txt"
     path.write_text("# header\n")
+    now = time.monotonic()
     monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
+    monkeypatch.setattr(c, "API_TOKEN", None)
     monkeypatch.setattr(c, "loop_timer", c.LoopTimer())
+    monkeypatch.setattr(c, "shutting_down", threading.Event())
+    monkeypatch.setattr(c, "tick_count", 0)
+    monkeypatch.setattr(c, "recent_ticks", c.deque(maxlen=c.recent_ticks.maxlen))
+    monkeypatch.setattr(c, "current_tick", None)
+    monkeypatch.setattr(c, "failed_ticks_in_a_row", 0)
+    monkeypatch.setattr(c, "last_tick_finished", now)
     monkeypatch.setattr(c, "node_status", {node: c.unobserved_node() for node in c.NODES})
     monkeypatch.setattr(c, "running_names", {node: set() for node in c.NODES})
-    monkeypatch.setattr(c, "failed_ticks_in_a_row", 0)
-    return path
+    monkeypatch.setattr(c, "failed_actions", {})
+    monkeypatch.setattr(c, "last_answered", {node: now for node in c.NODES})
+    monkeypatch.setattr(c, "connections", {})
+    monkeypatch.setattr(c, "handshakes", {node: 0 for node in c.NODES})
+    lines = []
+    monkeypatch.setattr(c, "emit", lines.append)
+    yield lines
+    c.shutting_down.set()  # a timer still waiting in a failed test's thread returns
+    with c.loop_timer.condition:
+        c.loop_timer.condition.notify_all()
 
 
 @pytest.fixture
-def client(desired_file):
+def desired_file():
+    return Path(c.DESIRED_STATE_FILE)
+
+
+@pytest.fixture
+def client():
     return c.api.test_client()
+
+
+def what_the_loop_does_next(printed):
+    """Ask the real loop timer what it would do now (wait_for_next_tick, with a 0 s period).
+
+    "wake" or "step": a tick is due at once for that reason; "timer": nothing is
+    pending (with a 0 s period the timer decides at once); "paused": the loop
+    says it is paused and sleeps until step or resume."""
+    result = []
+    mark = len(printed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(c, "TICK_SECONDS", 0)
+        patch.setattr(c, "shutting_down", threading.Event())
+        waiter = threading.Thread(target=lambda: result.append(c.loop_timer.wait_for_next_tick()),
+                                  daemon=True)
+        waiter.start()
+        wait_until(lambda: result or c.message("paused") in printed[mark:], timeout=5,
+                   what="the timer to choose a tick or to sleep paused")
+        if not result:  # asleep until step or resume: wake it as a shutdown would
+            c.shutting_down.set()
+            with c.loop_timer.condition:
+                c.loop_timer.condition.notify_all()
+        waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    return "paused" if result == [None] else result[0]
 
 
 def observe(answers):
@@ -56,9 +113,14 @@ def test_post_declares_an_unscheduled_container(client, desired_file):
     assert desired_file.read_text() == "# header\nnginx\n"
 
 
-def test_post_wakes_the_loop(client):
+def test_the_loop_sleeps_on_its_timer_until_something_happens(printed):
+    assert what_the_loop_does_next(printed) == "timer"
+
+
+def test_post_wakes_the_loop(client, printed):
     post(client, {"name": "nginx"})
-    assert c.loop_timer.woken
+    assert what_the_loop_does_next(printed) == "wake"
+    assert what_the_loop_does_next(printed) == "timer", "one POST, one wake-up"
 
 
 def test_post_without_json_content_type_still_works(client):
@@ -154,13 +216,13 @@ def test_garbage_in_the_file_does_not_break_the_api(client, desired_file):
 
 # --- DELETE ---------------------------------------------------------------------
 
-def test_delete_removes_the_declaration(client, desired_file):
+def test_delete_removes_the_declaration(client, desired_file, printed):
     desired_file.write_text("# header\nnginx:node-1\nredis\n")
     response = client.delete("/api/containers/nginx")
     assert response.status_code == 200
     assert response.get_json() == {"name": "nginx", "node": "node-1", "deleted": True}
     assert desired_file.read_text() == "# header\nredis\n"
-    assert c.loop_timer.woken
+    assert what_the_loop_does_next(printed) == "wake"
     assert client.delete("/api/containers/nginx").status_code == 404
 
 
@@ -228,8 +290,10 @@ def test_healthz_is_503_when_the_last_ticks_all_failed(client, monkeypatch):
 
 def test_healthz_is_200_while_paused_on_purpose(client, monkeypatch):
     monkeypatch.setattr(c, "last_tick_finished", stall(1000))
-    client.post("/api/loop/pause")
-    assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz").status_code == 503, "unpaused, that silence is a stall"
+    assert client.post("/api/loop/pause").status_code == 200
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.get_json()["paused"] is True
 
 
 def test_the_timer_ticks_on_time_when_the_clock_is_set_back(monkeypatch):
@@ -240,7 +304,6 @@ def test_the_timer_ticks_on_time_when_the_clock_is_set_back(monkeypatch):
         return real_time() - 3600 * len(calls)
 
     monkeypatch.setattr(c, "TICK_SECONDS", 0.2)
-    monkeypatch.setattr(c, "shutting_down", threading.Event())
     timer, result = c.LoopTimer(), []
     monkeypatch.setattr(c.time, "time", clock_going_backwards)
     thread = threading.Thread(target=lambda: result.append(timer.wait_for_next_tick()), daemon=True)
@@ -252,112 +315,26 @@ def test_the_timer_ticks_on_time_when_the_clock_is_set_back(monkeypatch):
     assert result == ["timer"]
 
 
-# --- the loop's timer, pause and step -------------------------------------------------------
-
-@pytest.fixture
-def running_loop(desired_file, monkeypatch):
-    """The real control loop, in a thread, with no nodes and a 0.3 s tick."""
-    monkeypatch.setattr(c, "NODES", {})
-    monkeypatch.setattr(c, "TICK_SECONDS", 0.3)
-    monkeypatch.setattr(c, "shutting_down", threading.Event())
-    monkeypatch.setattr(c, "recent_ticks", c.deque(maxlen=100))
-    thread = threading.Thread(target=c.control_loop, daemon=True)
-    thread.start()
-    yield c.api.test_client()
-    c.shutting_down.set()
-    c.loop_timer.wake()
-    thread.join(timeout=2)
-    assert not thread.is_alive()
-
-
-def ticks():
-    with c.status_lock:
-        return list(c.recent_ticks)
-
-
-def wait_until(condition, timeout=5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_the_loop_ticks_on_its_timer(running_loop):
-    assert wait_until(lambda: len(ticks()) >= 3)
-    assert {tick["mode"] for tick in ticks()} >= {"start", "timer"}
-    assert all(tick["converged"] and len(tick["steps"]) == 5 for tick in ticks())
-
-
-def test_an_api_change_wakes_the_loop_at_once(running_loop, monkeypatch):
-    assert wait_until(lambda: len(ticks()) >= 1)
-    monkeypatch.setattr(c, "TICK_SECONDS", 60)  # the timer alone would not tick now
-    assert wait_until(lambda: ticks()[-1]["mode"] == "timer" or len(ticks()) >= 2)
-    before = len(ticks())
-    post(running_loop, {"name": "nginx"})
-    assert wait_until(lambda: len(ticks()) > before, timeout=2)
-    assert ticks()[-1]["mode"] == "wake"
-
-
-def test_while_paused_no_tick_runs_on_the_timer_or_on_api_changes(running_loop):
-    assert wait_until(lambda: len(ticks()) >= 1)
-    response = running_loop.post("/api/loop/pause")
-    assert response.status_code == 200 and response.get_json()["paused"] is True
-    time.sleep(0.5)  # a tick in progress when pausing may still finish
-    before = len(ticks())
-    post(running_loop, {"name": "nginx"})
-    time.sleep(1.2)  # four tick periods
-    assert len(ticks()) == before
-    assert running_loop.get("/api/loop").get_json()["next_tick_at"] is None
-
-
-def test_a_step_runs_exactly_one_tick(running_loop):
-    running_loop.post("/api/loop/pause")
-    time.sleep(0.5)
-    before = len(ticks())
-    assert running_loop.post("/api/loop/step").status_code == 200
-    assert wait_until(lambda: len(ticks()) == before + 1)
-    time.sleep(1.0)
-    assert len(ticks()) == before + 1
-    assert ticks()[-1]["mode"] == "step"
-    assert running_loop.get("/api/loop").get_json()["paused"] is True
-
-
-def test_resume_ticks_again(running_loop):
-    running_loop.post("/api/loop/pause")
-    time.sleep(0.5)
-    before = len(ticks())
-    response = running_loop.post("/api/loop/resume")
-    assert response.get_json()["paused"] is False
-    assert wait_until(lambda: len(ticks()) >= before + 2)
-
-
-def test_state_has_nodes_containers_ticks_and_loop(running_loop, desired_file):
-    desired_file.write_text("nginx\nBad Name\n")
-    assert wait_until(lambda: len(ticks()) >= 1)
-    state = running_loop.get("/api/state").get_json()
-    assert state["containers"] == [{"name": "nginx", "node": None, "status": "unscheduled", "also_on": []}]
-    assert state["invalid_lines"] == [{"number": 2, "line": "Bad Name", "reason": "not a valid name"}]
-    assert state["loop"]["tick_seconds"] == 0.3
-    tick = state["ticks"][-1]
-    assert [step["number"] for step in tick["steps"]] == [1, 2, 3, 4, 5]
-    assert {"verdict", "converged", "duration_ms", "actions", "mode"} <= set(tick)
-
-
 # --- who may change the cluster: API_TOKEN ------------------------------------------------
 # With API_TOKEN set, every request that changes something needs
 # "Authorization: Bearer <token>"; reading stays open. Unset, nothing changes for anyone.
 
 TOKEN = "5f2b8c0e9a41d7366c1e0b2a4d9f8e71"
 
-# (method, path, body, status when allowed, loop paused before the request)
+# (method, path, body, status when allowed, loop paused before the request,
+#  what it changes: the desired-state file, paused, what the loop does next)
+DECLARED = "# header\nredis\n"
 WRITES = [
-    pytest.param("post", "/api/containers", {"name": "nginx"}, 201, False, id="POST-containers"),
-    pytest.param("delete", "/api/containers/redis", None, 200, False, id="DELETE-container"),
-    pytest.param("post", "/api/loop/pause", None, 200, False, id="POST-loop-pause"),
-    pytest.param("post", "/api/loop/step", None, 200, False, id="POST-loop-step"),
-    pytest.param("post", "/api/loop/resume", None, 200, True, id="POST-loop-resume"),
+    pytest.param("post", "/api/containers", {"name": "nginx"}, 201, False,
+                 ("# header\nredis\nnginx\n", False, "wake"), id="POST-containers"),
+    pytest.param("delete", "/api/containers/redis", None, 200, False,
+                 ("# header\n", False, "wake"), id="DELETE-container"),
+    pytest.param("post", "/api/loop/pause", None, 200, False,
+                 (DECLARED, True, "paused"), id="POST-loop-pause"),
+    pytest.param("post", "/api/loop/step", None, 200, False,
+                 (DECLARED, True, "step"), id="POST-loop-step"),
+    pytest.param("post", "/api/loop/resume", None, 200, True,
+                 (DECLARED, False, "wake"), id="POST-loop-resume"),
 ]
 
 
@@ -365,14 +342,14 @@ WRITES = [
 def locked(client, desired_file, monkeypatch):
     """The test client against a controller started with API_TOKEN set; redis is declared."""
     monkeypatch.setattr(c, "API_TOKEN", TOKEN)
-    desired_file.write_text("# header\nredis\n")
+    desired_file.write_text(DECLARED)
     return client
 
 
-def what_a_write_can_change(desired_file):
+def what_a_write_can_change(desired_file, printed):
     """The declared state and the loop's controls: a refused write leaves all of it as it was."""
-    timer = c.loop_timer
-    return desired_file.read_text(), timer.paused, timer.steps_requested, timer.woken
+    return (desired_file.read_text(), c.loop_timer.status()["paused"],
+            what_the_loop_does_next(printed))
 
 
 def send(client, method, path, body, authorization=None):
@@ -381,60 +358,67 @@ def send(client, method, path, body, authorization=None):
                                    data=None if body is None else json.dumps(body))
 
 
-def assert_refused(response, before, desired_file):
+def assert_refused(response, before, desired_file, printed):
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     error = response.get_json()["error"]
     assert '"Authorization: Bearer <token>"' in error  # says how to send it...
     assert TOKEN not in response.get_data(as_text=True)  # ...never what it is
-    assert what_a_write_can_change(desired_file) == before
+    assert what_a_write_can_change(desired_file, printed) == before
 
 
-@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
-def test_a_write_without_a_token_is_a_401_and_changes_nothing(locked, desired_file, method, path,
-                                                               body, allowed_status, paused):
+def unchanged(paused):
+    """What a refused write leaves: the declared state, and a loop that would not tick now."""
+    return DECLARED, paused, "paused" if paused else "timer"
+
+
+@pytest.mark.parametrize("method, path, body, allowed_status, paused, effect", WRITES)
+def test_a_write_without_a_token_is_a_401_and_changes_nothing(locked, desired_file, printed, method,
+                                                               path, body, allowed_status, paused,
+                                                               effect):
     if paused:
         c.loop_timer.pause()
-    before = what_a_write_can_change(desired_file)
+    before = what_a_write_can_change(desired_file, printed)
+    assert before == unchanged(paused)
     response = send(locked, method, path, body)
-    assert_refused(response, before, desired_file)
+    assert_refused(response, before, desired_file, printed)
     assert response.get_json()["error"].startswith("no token")
 
 
 @pytest.mark.parametrize("authorization", [
     "Bearer wrong", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Bearer {TOKEN.upper()}",
     TOKEN, f"Basic {TOKEN}", f"Token {TOKEN}", "Bearer"])
-@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
-def test_a_write_with_a_wrong_token_is_a_401_and_changes_nothing(locked, desired_file, method, path, body,
-                                                                 allowed_status, paused, authorization):
+@pytest.mark.parametrize("method, path, body, allowed_status, paused, effect", WRITES)
+def test_a_write_with_a_wrong_token_is_a_401_and_changes_nothing(locked, desired_file, printed, method,
+                                                                 path, body, allowed_status, paused,
+                                                                 effect, authorization):
     if paused:
         c.loop_timer.pause()
-    before = what_a_write_can_change(desired_file)
-    assert_refused(send(locked, method, path, body, authorization), before, desired_file)
+    before = what_a_write_can_change(desired_file, printed)
+    assert before == unchanged(paused)
+    assert_refused(send(locked, method, path, body, authorization), before, desired_file, printed)
 
 
-@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
-def test_a_write_with_the_right_token_is_done(locked, desired_file, method, path, body,
-                                              allowed_status, paused):
+@pytest.mark.parametrize("method, path, body, allowed_status, paused, effect", WRITES)
+def test_a_write_with_the_right_token_is_done(locked, desired_file, printed, method, path, body,
+                                              allowed_status, paused, effect):
     if paused:
         c.loop_timer.pause()
-    before = what_a_write_can_change(desired_file)
     response = send(locked, method, path, body, f"Bearer {TOKEN}")
     assert response.status_code == allowed_status, response.get_json()
-    assert what_a_write_can_change(desired_file) != before
+    assert what_a_write_can_change(desired_file, printed) == effect
 
 
-@pytest.mark.parametrize("method, path, body, allowed_status, paused", WRITES)
-def test_without_api_token_every_write_is_open_to_all(client, desired_file, method, path, body,
-                                                      allowed_status, paused):
-    assert c.API_TOKEN is None  # the default: every demo of the README works as written
-    desired_file.write_text("# header\nredis\n")
+@pytest.mark.parametrize("method, path, body, allowed_status, paused, effect", WRITES)
+def test_without_api_token_every_write_is_open_to_all(client, desired_file, printed, method, path,
+                                                      body, allowed_status, paused, effect):
+    # API_TOKEN unset (the fixture's default, as in every demo of the README).
+    desired_file.write_text(DECLARED)
     if paused:
         c.loop_timer.pause()
-    before = what_a_write_can_change(desired_file)
     response = send(client, method, path, body)
     assert response.status_code == allowed_status, response.get_json()
-    assert what_a_write_can_change(desired_file) != before
+    assert what_a_write_can_change(desired_file, printed) == effect
 
 
 def test_the_bearer_scheme_is_case_insensitive(locked, desired_file):
@@ -461,7 +445,7 @@ def test_any_other_write_method_needs_the_token_too(locked):
 @pytest.mark.parametrize("url", ["/api/containers", "/api/containers/redis", "/api/nodes",
                                  "/api/loop", "/api/state", "/healthz", "/"])
 def test_reading_stays_open_with_a_token_set(locked, monkeypatch, url):
-    monkeypatch.setattr(c, "last_tick_finished", time.time())  # /healthz: a loop that ticks
+    monkeypatch.setattr(c, "last_tick_finished", stall(0))  # /healthz: a loop that ticks
     assert locked.get(url).status_code == 200
     assert locked.head(url).status_code == 200
 
@@ -496,3 +480,37 @@ def test_by_default_there_is_no_token_and_the_api_listens_on_loopback_only():
         result = subprocess.run([sys.executable, "-c", show], env=env, cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=30, check=True)
         assert result.stdout.split() == ["None", "127.0.0.1"]
+
+
+# --- two writers: the API and the loop --------------------------------------------------
+
+def test_concurrent_posts_and_the_loops_writes_lose_no_update(desired_file):
+    """Four API clients declare 60 containers while the loop assigns 30 others, one
+    save_assignments() at a time, as step 4 does: every change is in the file."""
+    old = [f"old{i}" for i in range(30)]
+    desired_file.write_text("# header\n" + "".join(f"{name}\n" for name in old))
+    new = [f"app{i}" for i in range(60)]
+    start = threading.Barrier(5)
+    statuses = []
+
+    def declare(names):
+        client = c.api.test_client()
+        start.wait()
+        statuses.extend(post(client, {"name": name}).status_code for name in names)
+
+    def assign():
+        start.wait()
+        for name in old:
+            c.save_assignments({name: None}, {name: "node-1"})
+
+    threads = [threading.Thread(target=declare, args=(new[k::4],)) for k in range(4)]
+    threads.append(threading.Thread(target=assign))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert statuses == [201] * len(new)
+    desired, problems = c.parse_desired_state(desired_file.read_text())
+    assert problems == []
+    assert desired == {**{name: "node-1" for name in old}, **{name: None for name in new}}

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sshd_nodes import wait_until  # noqa: E402
 from test_integration_ssh import (WAIT, cluster, line, measured, post, pytestmark,  # noqa: E402,F401
-                                  ssh_keys, start_controller, wait_each_once, wait_until)
+                                  ssh_keys, start_controller, wait_each_once)
 
 GRACE = 6
 
@@ -32,12 +33,13 @@ def test_a_node_back_within_its_grace_period_moved_nothing(cluster, start_contro
     placed = wait_each_once(cluster, names)
     ctl.wait_ticks(1)
     on_node_1 = sorted(n for n, node in placed.items() if node == "node-1")
+    assert on_node_1 == ["app1", "app4"], placed  # round robin from empty nodes
     mark = ctl.mark()
     cluster["node-1"].kill()
     at, text = ctl.wait_for_line(re.compile(
         r"^  ⚠️  node-1: unavailable for \d+ s, eviction in \d+ s$"), WAIT, after=mark)
     statuses = {c["name"]: c["status"] for c in ctl.get("/api/containers")[1]}
-    assert all(statuses[n] == "unknown" for n in on_node_1), statuses
+    assert {n: statuses[n] for n in on_node_1} == {"app1": "unknown", "app4": "unknown"}, statuses
     node_1 = {n["name"]: n for n in ctl.get("/api/nodes")[1]}["node-1"]
     assert node_1["condition"] == "Unknown" and 0 < node_1["eviction_in"] <= GRACE
     ctl.wait_ticks(1, after=at)
@@ -82,7 +84,7 @@ def test_a_tick_that_acted_is_checked_at_once(cluster, start_controller):
     posted = time.monotonic()
     post(ctl, "nginx")
     wait_until(lambda: ctl.get("/api/containers/nginx")[1]["status"] == "running", timeout=WAIT,
-               interval=0.02, message="nginx running in GET")
+               interval=0.02, what="nginx running in GET")
     seconds = time.monotonic() - posted
     measured("POST -> 'running' in GET (TICK_SECONDS=5)", seconds)
     at, _ = ctl.wait_for_line(re.compile(r"^TICK - \d\d:\d\d:\d\d \(checking the last actions\)$"),

@@ -10,11 +10,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import paramiko
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import app_controller as c
 
@@ -235,12 +236,49 @@ def test_a_rewrite_keeps_the_files_owner_and_mode(tmp_path):
     assert os.stat(tmp_path / "new.txt").st_uid == 4321, "a new file belongs to the directory's owner"
 
 
-def test_writes_are_atomic_and_leave_no_temp_file(tmp_path):
+def test_a_reader_never_sees_a_half_written_file(tmp_path):
+    """Two big versions written in turn while another thread reads: every read is one
+    whole version, and nothing is left behind but the file."""
+    path = tmp_path / "desired_state.txt"
+    versions = ["".join(f"app{i}:node-1\n" for i in range(40_000)),
+                "".join(f"web{i}\n" for i in range(60_000))]
+    path.write_text(versions[1])
+    written = threading.Event()
+
+    def writer():
+        try:
+            for k in range(30):
+                c.write_atomically(str(path), versions[k % 2])
+        finally:
+            written.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads = []  # which version each read saw
+    while not written.is_set():
+        text = path.read_text()
+        reads.append(versions.index(text) if text in versions else f"torn ({len(text)} characters)")
+    thread.join()
+    assert len(reads) >= 10, "the reader must read while the writes happen"
+    assert [read for read in reads if read not in (0, 1)] == [], "a read saw a half-written file"
+    assert set(reads) == {0, 1}, "both versions were seen while they were written"
+    assert path.read_text() == versions[1]
+    assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     path = tmp_path / "desired_state.txt"
     path.write_text("old\n")
-    c.write_atomically(str(path), "new\n")
-    assert path.read_text() == "new\n"
+    with pytest.raises(UnicodeEncodeError):  # fails half-way through writing the new text
+        c.write_atomically(str(path), "new\n" * 10_000 + "\udc80\n")
+    assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"]
+    blocked = tmp_path / "blocked"
+    (blocked / "inside").mkdir(parents=True)  # a directory where the file should be
+    with pytest.raises(OSError):  # fails at the rename, once the temp file is complete
+        c.write_atomically(str(blocked), "new\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "desired_state.txt"]
+    assert [p.name for p in blocked.iterdir()] == ["inside"]
 
 
 # --- step 3: cleanup ------------------------------------------------------------
@@ -259,11 +297,13 @@ def test_cleanup_does_nothing_when_every_node_is_up():
 
 
 @given(st.dictionaries(names, st.sampled_from([None] + NODES)), node_lists)
+@example({"app1": "node-1", "app2": "node-2", "app3": None}, ["node-2"])
 def test_after_cleanup_no_container_is_assigned_to_a_dead_node(desired, live_nodes):
     cleaned, orphans = c.cleanup_dead_nodes(desired, live_nodes)
+    dead = {name: node for name, node in desired.items() if node is not None and node not in live_nodes}
+    assert cleaned == {name: None if name in dead else node for name, node in desired.items()}
     assert list(cleaned) == list(desired)
-    assert all(node is None or node in live_nodes for node in cleaned.values())
-    assert all(desired[name] == node and node not in live_nodes for name, node in orphans)
+    assert orphans == list(dead.items()), "every container of a dead node, in order, and no other"
 
 
 # --- step 4: schedule -------------------------------------------------------------
@@ -298,6 +338,7 @@ def test_with_no_live_node_containers_stay_unscheduled():
 
 @given(st.dictionaries(names, st.sampled_from([None] + NODES)),
        st.lists(st.sampled_from(NODES), min_size=1, unique=True))
+@example({"a": None, "b": "node-1", "c": "node-3", "d": None}, ["node-1", "node-2"])
 def test_after_cleanup_and_schedule_every_container_is_on_exactly_one_live_node(desired, live_nodes):
     cleaned, _ = c.cleanup_dead_nodes(desired, live_nodes)
     scheduled, placements = c.schedule(cleaned, live_nodes)
@@ -347,6 +388,8 @@ def apply_plan(running, to_start, to_keep):
 @given(st.dictionaries(st.sampled_from(NODES), st.lists(names | st.text(max_size=5))),
        st.dictionaries(names, st.sampled_from([None] + NODES)),
        st.lists(st.sampled_from(NODES), unique=True))
+@example({"node-1": ["a", "x", "a", ""], "node-2": ["b"]}, {"a": "node-1", "b": "node-2", "c": "node-2"},
+         ["node-1", "node-2"])
 def test_applying_the_plan_to_the_observed_state_yields_the_desired_state(observed, desired,
                                                                           answering):
     observed = {node: observed.get(node, []) for node in answering}
@@ -617,6 +660,9 @@ def test_a_not_ready_node_gets_no_grace_period():
                        min_size=3),
        st.dictionaries(st.sampled_from(NODES), st.floats(0, 100), min_size=3),
        st.floats(0, 60), st.dictionaries(names, st.sampled_from([None] + NODES)))
+@example({"node-1": "Unknown", "node-2": "Ready", "node-3": "Unknown"},
+         {"node-1": 5.0, "node-2": 0.0, "node-3": 50.0}, 30.0,
+         {"a": "node-1", "b": "node-3", "c": None, "d": "node-2"})
 def test_grace_keeps_only_silent_nodes_work_and_schedules_only_on_ready_nodes(
         condition_of, silent_for, grace, declared):
     conditions = {node: (condition_of[node], None) for node in NODES}
@@ -635,3 +681,42 @@ def test_grace_keeps_only_silent_nodes_work_and_schedules_only_on_ready_nodes(
             assert scheduled[name] == node, "a node in its grace period keeps its containers"
     assert all(node in live for _, node, _ in placements), "new placements only on Ready nodes"
     assert all(node is None or node in live or node in waiting for node in scheduled.values())
+
+
+# --- when to tick: next_trigger() on a fake clock ----------------------------------------
+# The loop timer sleeps until next_trigger() names a reason to tick. A fake clock
+# walks time forward in tenths of a second: no sleeps, no threads.
+
+FAKE_CLOCK = [tenths / 10 for tenths in range(0, 201)]  # 0.0 .. 20.0 s
+
+
+def first_trigger(deadline=5.0, paused=False, steps_requested=0, woken=False, check_soon=False):
+    """(when, why) of the first tick next_trigger() allows on the fake clock, or None."""
+    for now in FAKE_CLOCK:
+        trigger = c.next_trigger(now, deadline, paused, steps_requested, woken, check_soon)
+        if trigger:
+            return now, trigger
+    return None
+
+
+def test_the_timer_ticks_at_its_deadline_and_not_before():
+    assert first_trigger(deadline=5.0) == (5.0, "timer")
+
+
+def test_after_a_tick_that_acted_the_deadline_brings_a_requeue():
+    assert first_trigger(deadline=0.3, check_soon=True) == (0.3, "requeue")
+
+
+def test_a_wake_up_ticks_at_once():
+    assert first_trigger(deadline=5.0, woken=True) == (0.0, "wake")
+
+
+def test_while_paused_neither_the_timer_nor_a_wake_up_ticks():
+    assert first_trigger(deadline=5.0, paused=True) is None
+    assert first_trigger(deadline=5.0, paused=True, woken=True) is None
+
+
+def test_a_step_ticks_at_once_paused_or_not_and_before_a_wake_up():
+    assert first_trigger(paused=True, steps_requested=1) == (0.0, "step")
+    assert first_trigger(paused=True, steps_requested=1, woken=True) == (0.0, "step")
+    assert first_trigger(paused=False, steps_requested=2, woken=True) == (0.0, "step")

@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import app_controller as c  # noqa: E402
-from sshd_nodes import SSHD, SshdCluster  # noqa: E402
+from sshd_nodes import SSHD, SshdCluster, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CI") != "true"
@@ -116,15 +116,6 @@ def is_open(client):
     return transport is not None and transport.is_active()
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_a_late_worker_never_closes_the_connection_of_the_next_tick(slow_node):
     proxy = slow_node
     proxy.slow_next = 1
@@ -141,10 +132,10 @@ def test_a_late_worker_never_closes_the_connection_of_the_next_tick(slow_node):
     fresh = c.connections["node-1"]
 
     # The late worker finishes its handshake (every stage within SSH_TIMEOUT) ...
-    wait_for(lambda: c.handshakes["node-1"] == 2, 3 * c.SSH_TIMEOUT, "the slow handshake to finish")
+    wait_until(lambda: c.handshakes["node-1"] == 2, 3 * c.SSH_TIMEOUT, what="the slow handshake to finish")
     # ... and then either closes its own connection (right) or the fresh one (the old bug).
-    wait_for(lambda: proxy.closed_by_client[0].is_set() or not is_open(fresh),
-             2 * c.SSH_TIMEOUT, "the late worker to act")
+    wait_until(lambda: proxy.closed_by_client[0].is_set() or not is_open(fresh),
+               2 * c.SSH_TIMEOUT, what="the late worker to act")
     assert is_open(fresh), "the late worker closed the next tick's connection"
     assert c.connections["node-1"] is fresh
     assert proxy.closed_by_client[0].is_set(), "the late worker closed its own connection"

@@ -46,7 +46,7 @@ import paramiko
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from sshd_nodes import VERDICT, Controller, SshdCluster, generate_keys  # noqa: E402
+from sshd_nodes import VERDICT, Controller, SshdCluster, generate_keys, wait_until  # noqa: E402
 
 # The controller's settings during the run. One second keeps the runs short and is
 # the integration tests' value; SSH_TIMEOUT differs from it so the hung-node cost shows.
@@ -160,15 +160,15 @@ class NodeFiles:
         return found
 
 
-def wait_until(predicate, timeout, interval=0.005):
-    """Poll until predicate() is true; return the seconds it took (None on timeout)."""
+def seconds_until(predicate, timeout, interval=0.005):
+    """The seconds until predicate() holds (the suite's wait_until), or None if it never
+    did within `timeout`: the benchmark records the miss and goes on."""
     t0 = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            return None
-        time.sleep(interval)
+    try:
+        wait_until(predicate, timeout, interval)
+    except AssertionError:
+        return None
+    return time.monotonic() - t0
 
 
 def read_desired(path):
@@ -386,7 +386,7 @@ def measure_posts(ctl, cluster, count):
         status, body = ctl.post("/api/containers", {"name": name})
         if status != 201:
             raise RuntimeError(f"POST {name}: {status} {body}")
-        seconds = wait_until(lambda: name in files.where(), timeout=15)
+        seconds = seconds_until(lambda: name in files.where(), timeout=15)
         if seconds is not None:
             latencies.append(time.monotonic() - t0)
     return latencies
@@ -396,17 +396,17 @@ def measure_failover(ctl, cluster, desired_file, victim):
     """Kill a node's sshd: time until its containers run elsewhere. Restart it: time until
     its stale lines (zombies) are gone. Returns (failover s, zombie cleanup s, moved)."""
     files = NodeFiles(cluster)
-    wait_until(lambda: is_converged(cluster, desired_file, files), timeout=30, interval=0.05)
+    seconds_until(lambda: is_converged(cluster, desired_file, files), timeout=30, interval=0.05)
     time.sleep(random.uniform(0, TICK_SECONDS))
     moved = list(files.lines(victim))
     t0 = time.monotonic()
     victim.kill()
-    failover = wait_until(
+    failover = seconds_until(
         lambda: all(name in files.where(skip={victim.name}) for name in moved), timeout=30)
     time.sleep(random.uniform(0.5, 0.5 + TICK_SECONDS))
     victim.start()  # returns when the node answers its SSH banner again
     t1 = time.monotonic()
-    zombies = wait_until(lambda: not set(moved) & set(files.lines(victim)), timeout=30)
+    zombies = seconds_until(lambda: not set(moved) & set(files.lines(victim)), timeout=30)
     zombie = zombies if zombies is not None else None
     return failover, zombie, len(moved), t1 - t0
 
@@ -415,7 +415,7 @@ def measure_hang(ctl, cluster, desired_file, victim, steady_ms):
     """Freeze a node's sshd (SIGSTOP): the ticks meanwhile, and a POST that the other
     nodes must still run. Then let it go on and time the cleanup of its zombies."""
     files = NodeFiles(cluster)
-    wait_until(lambda: is_converged(cluster, desired_file, files), timeout=30, interval=0.05)
+    seconds_until(lambda: is_converged(cluster, desired_file, files), timeout=30, interval=0.05)
     stale = list(files.lines(victim))
     since = time.time()
     victim.hang()
@@ -424,8 +424,8 @@ def measure_hang(ctl, cluster, desired_file, victim, steady_ms):
         name = f"during-hang-{random.randrange(10**6)}"
         t0 = time.monotonic()
         ctl.post("/api/containers", {"name": name})
-        post = wait_until(lambda: name in files.where(skip={victim.name}), timeout=30)
-        moved = wait_until(
+        post = seconds_until(lambda: name in files.where(skip={victim.name}), timeout=30)
+        moved = seconds_until(
             lambda: all(n in files.where(skip={victim.name}) for n in stale), timeout=30)
         moved = None if moved is None else moved + post
         # Let three whole ticks run while it still hangs.
@@ -437,7 +437,7 @@ def measure_hang(ctl, cluster, desired_file, victim, steady_ms):
     finally:
         victim.unhang()
     t1 = time.monotonic()
-    zombies = wait_until(lambda: not set(stale) & set(files.lines(victim)), timeout=30)
+    zombies = seconds_until(lambda: not set(stale) & set(files.lines(victim)), timeout=30)
     return {
         "tick_ms": durations,
         "extra_ms": [d - steady_ms for d in durations],
