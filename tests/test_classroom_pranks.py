@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sshd_nodes import VERDICT, Controller, SshdCluster, free_port, wait_until  # noqa: E402
+from sshd_nodes import VERDICT, Controller, wait_until  # noqa: E402
 from test_integration_ssh import (SSH_TIMEOUT, TICK_SECONDS, WAIT, assert_each_once,  # noqa: E402,F401
                                   cluster, ctl, line, post, pytestmark, ssh_keys,
                                   start_controller, wait_each_once, wait_running)

@@ -730,7 +730,7 @@ def test_french_log_makes_a_french_page(driver, french_ctl):
 def test_times_are_on_the_controllers_clock_as_in_its_log(driver, french_ctl):
     driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": BROWSER_TZ})
     try:
-        page = Page(driver, french_ctl.base_url + "/").open()
+        Page(driver, french_ctl.base_url + "/").open()
         shown = driver.execute_script("""
             const tick = document.querySelector('#ticks [data-tick]');
             const when = tick.querySelector('[data-started-at]');

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sshd_nodes import wait_until  # noqa: E402
 from test_integration_ssh import (WAIT, cluster, line, measured, post, pytestmark,  # noqa: E402,F401

@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path

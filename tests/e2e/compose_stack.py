@@ -19,6 +19,16 @@ PASSED_THROUGH = ["LOG_LANG", "TICK_SECONDS", "SSH_TIMEOUT", "NODE_GRACE_SECONDS
 # A teacher's own uid and gid on a Linux machine: the owner of a clone, so of its nodes/.
 TEACHER = (1000, 1000)
 
+# What the seed's README promises when node-1 stops (or is cut off) with app1..app6
+# placed round-robin: the lines, in this order, in the English log.
+SEED_FAILOVER_LOG = ["⚠️  node-1: unavailable",
+                     "💀 CLEANUP: app1 (node node-1 down)",
+                     "💀 CLEANUP: app4 (node node-1 down)",
+                     "📍 SCHEDULE: app1 → node-2",
+                     "📍 SCHEDULE: app4 → node-3",
+                     "▶ START: app1 on node-2",
+                     "▶ START: app4 on node-3"]
+
 # Filled by the tests, printed at the end of the run (see pytest_terminal_summary).
 MEASURED = {}
 
