@@ -16,14 +16,19 @@ EXERCISES = REPO / "tests" / "exercises"
 NAMES = sorted(path.stem.removeprefix("test_") for path in EXERCISES.glob("test_*.py"))
 
 
-def run_check(name, controller):
-    """Run one exercise's check against `controller`; return (exit status, output)."""
-    result = subprocess.run(
+def start_check(name, controller):
+    """Start one exercise's check against `controller` (a subprocess: a fresh import)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "--no-header", "-p", "no:cacheprovider",
          f"tests/exercises/test_{name}.py"],
         cwd=REPO, env=dict(os.environ, PULL_MODE_CONTROLLER=str(controller)),
-        capture_output=True, text=True, timeout=120)
-    return result.returncode, result.stdout + result.stderr
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(check):
+    """(exit status, output) of a started check."""
+    output, _ = check.communicate(timeout=120)
+    return check.returncode, output
 
 
 def test_every_exercise_has_a_solution_and_a_section():
@@ -38,16 +43,20 @@ def test_every_exercise_has_a_solution_and_a_section():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fails_now_and_passes_with_its_solution(name, tmp_path):
-    status, output = run_check(name, REPO / "app_controller.py")
-    assert status == 1, f"the check {name} should fail on the unsolved controller:\n{output}"
-    # A student reads advice: a failure message, never a traceback.
-    # (pytest marks a traceback's lines with "E   "; pytest.fail(..., pytrace=False) has none.)
-    assert "Traceback" not in output and "\nE   " not in output, output
-
     shutil.copy(REPO / "app_controller.py", tmp_path / "app_controller.py")
     patch = EXERCISES / "solutions" / f"{name}.patch"
     applied = subprocess.run(["git", "apply", str(patch)], cwd=tmp_path,
                              capture_output=True, text=True)
     assert applied.returncode == 0, f"{patch.name} no longer applies:\n{applied.stderr}"
-    status, output = run_check(name, tmp_path / "app_controller.py")
+    # Both directions at once: two processes, half the wait.
+    before = start_check(name, REPO / "app_controller.py")
+    after = start_check(name, tmp_path / "app_controller.py")
+
+    status, output = finish(before)
+    assert status == 1, f"the check {name} should fail on the unsolved controller:\n{output}"
+    # A student reads advice: a failure message, never a traceback (pytest marks a
+    # traceback's lines with "E   "; pytest.fail(..., pytrace=False) has none).
+    assert "Traceback" not in output and "\nE   " not in output, output
+
+    status, output = finish(after)
     assert status == 0, f"the check {name} should pass with its solution:\n{output}"
