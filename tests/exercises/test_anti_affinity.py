@@ -2,7 +2,7 @@
 
 Kubernetes: podAntiAffinity with topologyKey kubernetes.io/hostname,
 preferredDuringSchedulingIgnoredDuringExecution (or topologySpreadConstraints)."""
-from conftest import advise
+from harness import advise
 
 NODES = ["node-1", "node-2", "node-3"]
 

@@ -3,7 +3,7 @@
 Kubernetes: the scheduler's scoring, NodeResourcesFit with the strategy
 LeastAllocated (spread: the default, and this controller's) or MostAllocated
 (bin-pack: fewer, fuller nodes, so a cluster autoscaler can remove the empty ones)."""
-from conftest import advise
+from harness import advise
 
 NODES = ["node-1", "node-2", "node-3"]
 

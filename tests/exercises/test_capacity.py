@@ -2,7 +2,7 @@
 
 Kubernetes: a pod's resource requests, the scheduler's filter (NodeResourcesFit),
 and the FailedScheduling event "0/3 nodes are available: 3 Insufficient cpu"."""
-from conftest import FakeCluster, advise
+from harness import FakeCluster, advise
 
 NODES = ["node-1", "node-2", "node-3"]
 

@@ -2,7 +2,7 @@
 
 Kubernetes: a ReplicaSet (or a Deployment's) `replicas: 3` makes three Pods named
 after it; delete one and the ReplicaSet makes it again."""
-from conftest import FakeCluster, advise
+from harness import FakeCluster, advise
 
 
 def test_a_replica_line_declares_three(controller_with):

@@ -2,7 +2,7 @@
 
 Kubernetes: a PodDisruptionBudget (maxUnavailable: 1) limits how many pods voluntary
 disruptions (a drain, an eviction) may take down at once; the rest wait their turn."""
-from conftest import FakeCluster, advise
+from harness import FakeCluster, advise
 
 
 def stops(plan):
