@@ -10,24 +10,28 @@ declared state, compares them, and acts on the difference, again and again:
         3. cleanup_dead_nodes()          forget assignments to nodes that are gone
         4. schedule()                    place unassigned containers on live nodes
         5. reconcile()                   diff observed vs desired, then start/stop
-        save_assignments() writes what steps 3 and 4 decided into the file.
+        (save_assignments() writes what steps 3 and 4 decided into the file)
 
 A REST API (a Flask thread) only writes desired_state.txt and wakes the loop.
 A "container" is simulated: node N runs the names listed, one per line, in its
 file NODE_STATE_DIR/N_running.txt. Starting appends a line; stopping removes it.
+"The seed" is the French project this one grew from (github.com/silefort/
+duckConfKubernetes): same five steps, and LOG_LANG=fr prints its log word for word.
 
-This follows "the seed": the French pull-mode project this one grew from
-(https://github.com/silefort/duckConfKubernetes). Its five steps keep their
-names, and LOG_LANG=fr prints its log word for word.
+What happens when...
+  * a node dies: step 1 gets no answer (the node is Unknown); step 3 unassigns
+    its containers (at once, or after NODE_GRACE_SECONDS); step 4 places them
+    on the emptiest live nodes; step 5 starts them there. If the node comes
+    back, its file still lists them: zombies, which step 5 stops.
+  * you POST nginx: the API appends "nginx" to desired_state.txt and wakes the
+    loop; step 4 makes the line "nginx:node-2"; step 5 appends nginx to node-2's
+    file; a check tick 0.3 s later sees it running.
+  * two writers change desired_state.txt at once: see update_desired_state().
 
-Reading order: the settings; the loop and the five steps; the pure decisions
-they call; then the machinery, each part saying who does its job in Kubernetes
-(when to tick, SSH, the desired-state file, what the API shows, the API, the log).
-
-Left out on purpose, and who does the job in Kubernetes: real containers (the
-kubelet and a container runtime), a database with watches (kube-apiserver and
-etcd), several controllers (leader election), heartbeats (kubelets report in;
-here the controller asks each node every tick).
+Then: the settings; the loop and the five steps; the pure decisions they call;
+the machinery (when to tick, SSH, the file, the API, the log), each part saying
+who does its job in Kubernetes. Left out on purpose: real containers (kubelet
+and runtime), a database with watches (etcd), leader election, heartbeats.
 """
 
 import errno
@@ -45,7 +49,6 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import paramiko
@@ -159,13 +162,6 @@ API_TOKEN = setting("API_TOKEN", "", lambda text: text or None,
                     "printable ASCII without spaces (openssl rand -hex 16 makes one)",
                     lambda token: token is None or re.fullmatch(r"[\x21-\x7e]+", token), secret=True)
 LOG_LANG = setting("LOG_LANG", "en", str, "en or fr", lambda language: language in ("en", "fr"))
-# A node's file may hold anything a student wrote into it. We read at most this
-# much of it: a 10 MB prank costs one megabyte, and what lies past it is not
-# wanted anyway (the next action on that node removes it).
-MAX_READ_BYTES = 1024 * 1024
-# A long list (200,000 intruders) is cut in the log and in the API after this
-# many names: "… and 199,980 more".
-LIST_LIMIT = 20
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +169,7 @@ LIST_LIMIT = 20
 # ---------------------------------------------------------------------------
 
 def control_loop():
-    """Tick, wait, tick again, until the process is stopped: the lesson in six lines."""
+    """Tick, wait, tick again, until the process is stopped."""
     trigger = "start"
     while True:
         acted = False
@@ -181,12 +177,16 @@ def control_loop():
             acted = run_tick(trigger)
         except ShuttingDown:
             return
-        except Exception as error:  # nothing short of a shutdown ends the loop
+        except Exception as error:
+            # A bug, a full disk: log it and tick again later. A controller that
+            # dies on one bad tick would leave the cluster unwatched.
             fail_tick(error)
-        # A tick that acted is checked soon after, once (a check that acts again
-        # waits for the timer: a node that keeps changing cannot make us spin).
-        trigger = loop_timer.wait_for_next_tick(check_soon=acted and trigger != "requeue")
-        if trigger is None:  # shutting down
+        # A tick that started or stopped something is checked soon after (the
+        # "requeue" of Kubernetes controllers), but only once: if the check acts
+        # again, the timer decides, so a node that keeps changing cannot make us spin.
+        check_soon = acted and trigger != "requeue"
+        trigger = loop_timer.wait_for_next_tick(check_soon)
+        if trigger is None:  # the process got SIGTERM or Ctrl-C
             return
 
 
@@ -246,13 +246,13 @@ def get_current_state():
     answers = on_every_node({node: observe_command(node) for node in NODES})
     now = time.monotonic()
     conditions = node_conditions(answers, failed_actions)
-    running, cut = {}, set()
+    running, truncated = {}, set()
     for node, answer in answers.items():
         if not isinstance(answer, Exception):
             last_answered[node] = now
-            running[node], was_cut = parse_running_file(answer)
-            if was_cut:
-                cut.add(node)
+            running[node], was_truncated = parse_running_file(answer)
+            if was_truncated:
+                truncated.add(node)
     live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
     waiting = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     for node in NODES:
@@ -265,7 +265,7 @@ def get_current_state():
         elif condition == "NotReady":
             say("node_not_ready", node=node, reason=reason)
         elif running[node]:
-            say("node_up", node=node, containers=listing(running[node], cut=node in cut))
+            say("node_up", node=node, containers=listing(running[node], truncated=node in truncated))
         else:
             say("node_empty", node=node)
     say("running_count", containers=count_of(sum(len(running[node]) for node in live_nodes),
@@ -277,15 +277,15 @@ def get_current_state():
 
 
 def get_desired_state():
-    """Step 2: read desired_state.txt. Bad lines are logged and skipped."""
-    desired, problems = parse_desired_state(read_desired_text())
+    """Step 2: read what desired_state.txt declares. Bad lines are logged and skipped."""
+    declared, problems = parse_desired_state(read_desired_text())
     for number, line, reason in problems[:LIST_LIMIT]:
         say("bad_line", file=os.path.basename(DESIRED_STATE_FILE), number=number,
             line=cut_text(line), reason=reason)
     if len(problems) > LIST_LIMIT:
         say("bad_lines_more", more=count_of(len(problems) - LIST_LIMIT, "number"))
-    say("declared_count", containers=count_of(len(desired), "container"))
-    return desired
+    say("declared_count", containers=count_of(len(declared), "container"))
+    return declared
 
 
 def explain_cleanup(orphans, observation):
@@ -302,7 +302,7 @@ def explain_cleanup(orphans, observation):
             why = "down"
             say("cleanup", name=name, node=node)
         silent_for = now - last_answered[node] if node in NODES else None
-        decide("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
+        record_decision("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
                silent_for=None if silent_for is None else round(silent_for, 1))
 
 
@@ -310,7 +310,7 @@ def explain_schedule(placements, assignments):
     """Log where each container went, and those that found no live node."""
     for name, node, loads in placements:
         say("schedule", name=name, node=node)
-        decide("schedule", name=name, node=node, loads=loads)
+        record_decision("schedule", name=name, node=node, loads=loads)
     for name, node in assignments.items():
         if node is None:
             say("unschedulable", name=name)
@@ -323,11 +323,14 @@ def save_assignments(declared, assignments):
     only change a line that still says what we read (optimistic concurrency,
     like resourceVersion on a Kubernetes update). A line changed meanwhile
     is left alone: the next tick decides again with fresh data."""
-    with editing_desired_state() as current:
+    def keep_what_we_decided(current):
+        """Change only the lines that still say what step 2 read."""
         for name, node in assignments.items():
             if node != declared[name] and name in current and current[name] == declared[name]:
                 current[name] = node
         return dict(current)
+
+    return update_desired_state(keep_what_we_decided)
 
 
 def reconcile(observed, desired):
@@ -341,12 +344,14 @@ def reconcile(observed, desired):
     plan = plan_reconcile(observed, desired)
     for node in failed_actions:
         if node in observed and node not in plan:
-            plan[node] = ([], [], [])  # nothing to do, but try: does it work again?
-    commands = {node: act_command(node, to_keep, to_start)
-                for node, (to_start, _, to_keep) in plan.items()}
+            # Nothing to start or stop there, but act anyway (an empty action):
+            # that is how a NotReady node shows it works again.
+            plan[node] = NodePlan([], [], [])
+    commands = {node: act_command(node, node_plan.to_keep, node_plan.to_start)
+                for node, node_plan in plan.items()}
     results = on_every_node(commands)
     failures = {node: result for node, result in results.items() if isinstance(result, Exception)}
-    acted = any(plan[node][0] or plan[node][1] for node in plan if node not in failures)
+    acted = any(plan[node].to_start or plan[node].to_stop for node in plan if node not in failures)
     for node, result in results.items():
         if isinstance(result, NodeError):
             failed_actions[node] = describe(result)
@@ -354,7 +359,7 @@ def reconcile(observed, desired):
             failed_actions.pop(node, None)
     for node, (to_start, to_stop, _) in plan.items():
         ok = node not in failures
-        decide("reconcile", node=node, ok=ok, error=describe(failures[node]) if not ok else None,
+        record_decision("reconcile", node=node, ok=ok, error=describe(failures[node]) if not ok else None,
                should_run=[name for name, assigned in desired.items() if assigned == node][:LIST_LIMIT],
                ran=[cut_text(name) for name in observed[node][:LIST_LIMIT]],
                ran_count=len(observed[node]), start=to_start[:LIST_LIMIT],
@@ -376,30 +381,32 @@ def reconcile(observed, desired):
 # controller's diff)
 # ---------------------------------------------------------------------------
 
-def cleanup_dead_nodes(desired, live_nodes):
-    """Unassign every container whose node is down. Returns (new desired, [(name, dead node)])."""
+def cleanup_dead_nodes(assignments, holding_nodes):
+    """Unassign every container whose node may no longer hold it. Returns (new assignments, [(name, node)]).
+
+    holding_nodes: the live nodes, and the silent ones still in their grace period."""
     cleaned, orphans = {}, []
-    for name, node in desired.items():
-        if node is not None and node not in live_nodes:
+    for name, node in assignments.items():
+        if node is not None and node not in holding_nodes:
             orphans.append((name, node))
             node = None
         cleaned[name] = node
     return cleaned, orphans
 
 
-def schedule(desired, live_nodes):
-    """Assign every unassigned container to a live node. Returns (new desired, placements).
+def schedule(assignments, live_nodes):
+    """Assign every unassigned container to a live node. Returns (new assignments, placements).
 
     Each goes to the live node with the fewest containers, the first in NODES
     order on a tie: from empty nodes that is round-robin, and after a failure
     it fills the emptiest nodes first, so the load stays even. A placement is
     (name, node, the loads it compared): why node-2 and not node-3."""
     load = {node: 0 for node in live_nodes}
-    for node in desired.values():
+    for node in assignments.values():
         if node in load:
             load[node] += 1
     scheduled, placements = {}, []
-    for name, node in desired.items():
+    for name, node in assignments.items():
         if node is None and live_nodes:
             loads_seen = dict(load)
             node = min(live_nodes, key=lambda candidate: load[candidate])
@@ -409,33 +416,42 @@ def schedule(desired, live_nodes):
     return scheduled, placements
 
 
+class NodePlan(NamedTuple):
+    """What reconcile will do on one node."""
+    to_start: list  # wanted, not running: append a line
+    to_stop: list   # running, not wanted: intruders, zombies, garbage, duplicates
+    to_keep: list   # wanted and running once: the only lines the node's file keeps
+
+
 def diff_node(running, wanted):
     """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
 
-    Returns (to_start, to_stop, to_keep). Anything running but not wanted is
+    Returns a NodePlan. Anything running but not wanted is
     stopped: an intruder, or a zombie left by a node that was down while its
     containers moved. A wanted container listed twice is stopped and started
     once again."""
-    listed = Counter(running)  # name -> how many lines; a dict, so lookups stay fast
+    # Counter: name -> how many lines list it. A dict and a set, not lists, so a
+    # flood of 200,000 lines costs milliseconds (see docs/benchmark.md).
+    listed = Counter(running)
     wanted_set = set(wanted)
-    twice = {name for name in wanted if listed[name] > 1}
-    to_stop = [name for name in listed if name not in wanted_set or name in twice]
-    to_start = [name for name in wanted if name not in listed or name in twice]
+    listed_twice = {name for name in wanted if listed[name] > 1}
+    to_stop = [name for name in listed if name not in wanted_set or name in listed_twice]
+    to_start = [name for name in wanted if name not in listed or name in listed_twice]
     to_keep = [name for name in wanted if listed[name] == 1]
-    return to_start, to_stop, to_keep
+    return NodePlan(to_start, to_stop, to_keep)
 
 
 def plan_reconcile(observed, desired):
-    """The diff for every observed node: {node: (to_start, to_stop, to_keep)}, only nodes with work."""
+    """The diff for every observed node: {node: NodePlan}, only for nodes with work."""
     wanted = {node: [] for node in observed}
     for name, node in desired.items():
         if node in wanted:
             wanted[node].append(name)
     plan = {}
     for node in observed:
-        to_start, to_stop, to_keep = diff_node(observed[node], wanted[node])
-        if to_start or to_stop:
-            plan[node] = (to_start, to_stop, to_keep)
+        node_plan = diff_node(observed[node], wanted[node])
+        if node_plan.to_start or node_plan.to_stop:
+            plan[node] = node_plan
     return plan
 
 
@@ -633,12 +649,13 @@ def get_connection(node, gave_up):
     with connections_lock:
         late = gave_up.is_set()
         if not late:
-            old, connections[node] = connections.get(node), new_client
+            broken_client = connections.get(node)
+            connections[node] = new_client
     if late:
         new_client.close()
         raise GaveUp()
-    if old:
-        old.close()
+    if broken_client:
+        broken_client.close()
     return new_client
 
 
@@ -707,6 +724,12 @@ def on_every_node(commands):
     return {node: results[node] for node in commands}
 
 
+# A node's file may hold anything a student wrote into it. We read at most this
+# much of it: a 10 MB prank costs one megabyte, and what lies past it is not
+# wanted anyway (the next action on that node removes it).
+MAX_READ_BYTES = 1024 * 1024
+
+
 def running_file(node):
     """Where a node keeps the list of what it runs."""
     return f"{NODE_STATE_DIR}/{node}_running.txt"
@@ -724,12 +747,14 @@ def observe_command(node):
 
 
 def parse_running_file(output):
-    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES). Returns (names, cut)."""
-    cut = len(output) > MAX_READ_BYTES
-    if cut:
-        output = output[:MAX_READ_BYTES].rpartition(b"\n")[0]  # drop the partial last line
-    text = output.decode("utf-8", errors="replace")
-    return [line for line in text.split("\n") if line], cut
+    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES). Returns (names, truncated).
+
+    A file cut short ends with a partial line: we keep it. It is garbage (or
+    the start of one), so step 5 acts on that node, and its action, keeping
+    only the wanted lines, also removes everything we did not read."""
+    truncated = len(output) > MAX_READ_BYTES
+    text = output[:MAX_READ_BYTES].decode("utf-8", errors="replace")
+    return [line for line in text.split("\n") if line], truncated
 
 
 def act_command(node, keep, to_start):
@@ -767,7 +792,8 @@ def act_command(node, keep, to_start):
 # Blank lines and "# comments" are allowed, so a teacher can edit it by hand.
 
 # The API thread and the loop both change the file: every read-modify-write
-# holds this one lock, so no update is ever lost.
+# holds this one lock, so neither ever loses the other's update (a teacher's
+# editor takes no lock: see update_desired_state()).
 desired_lock = threading.Lock()
 
 
@@ -866,10 +892,12 @@ def read_desired_text():
         return ""
 
 
-def write_atomically(path, text):
+def write_atomically(path, text, unless_changed_since=False):
     """Write to a temp file in the same directory, fsync, then rename over the file.
 
     A reader (or a crash) sees the old file or the new one, never half of one.
+    unless_changed_since: a file_version(); if the file is no longer that
+    version when we are about to rename, write nothing and return False.
     The new file keeps the old one's owner and mode: the controller often runs
     as root (in its container), and the teacher who owns the file must still
     be able to edit it by hand afterwards."""
@@ -890,22 +918,52 @@ def write_atomically(path, text):
                 os.chown(temp_path, owner.st_uid, owner.st_gid)
             except PermissionError:
                 pass  # not root: the file becomes ours, which we can still edit
+        if unless_changed_since is not False and file_version(path) != unless_changed_since:
+            os.unlink(temp_path)
+            return False  # someone edited it meanwhile: the caller starts again
         os.replace(temp_path, path)
+        return True
     except BaseException:
         os.unlink(temp_path)
         raise
 
 
-@contextmanager
-def editing_desired_state():
-    """Read-modify-write of desired_state.txt under the lock: change the dict, it is saved."""
+class EditedMeanwhile(Exception):
+    """desired_state.txt kept changing under us: give up this once, nothing was written."""
+
+
+def update_desired_state(change):
+    """Let change(desired) modify the declared containers, then save them; return what change returns.
+
+    Two writers at once: the API and the loop both hold desired_lock, so they
+    take turns. A teacher's editor takes no lock, so just before replacing the
+    file we check it is still the version we read (compare-and-swap, as a
+    Kubernetes update checks resourceVersion); if not, we start again from the
+    teacher's text. Only a save landing in the microseconds between that check
+    and the rename could still be lost, instead of the milliseconds of a whole
+    read, fsync and rename."""
     with desired_lock:
-        text = read_desired_text()
-        desired, _ = parse_desired_state(text)
-        before = dict(desired)
-        yield desired
-        if desired != before:
-            write_atomically(DESIRED_STATE_FILE, render_desired_state(text, desired))
+        for _ in range(10):
+            version = file_version(DESIRED_STATE_FILE)
+            text = read_desired_text()
+            declared, _ = parse_desired_state(text)
+            desired = dict(declared)
+            result = change(desired)
+            if desired == declared:
+                return result  # nothing to write
+            if write_atomically(DESIRED_STATE_FILE, render_desired_state(text, desired),
+                                unless_changed_since=version):
+                return result
+        raise EditedMeanwhile("desired_state.txt keeps changing; try again")
+
+
+def file_version(path):
+    """What identifies one version of a file: inode, size, modification time (None: no file)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 # ---------------------------------------------------------------------------
@@ -941,10 +999,11 @@ def remember_observation(observation):
             status = node_status[node]
             if status["since"] is None or status["condition"] != condition:
                 status["since"] = now
-            silent_for, eviction_in = observation.waiting.get(node, (None, None))
             status.update(condition=condition, reason=reason, up=condition == "Ready",
-                          error=reason, eviction_in=eviction_in and round(eviction_in, 1),
-                          eviction_at=eviction_in and now + eviction_in)
+                          error=reason, eviction_in=None, eviction_at=None)
+            if node in observation.waiting:  # in its grace period: when will it be evicted?
+                silent_for, eviction_in = observation.waiting[node]
+                status.update(eviction_in=round(eviction_in, 1), eviction_at=now + eviction_in)
             if node in observation.running:
                 names = observation.running[node]
                 status.update(containers=[cut_text(name) for name in names[:LIST_LIMIT]],
@@ -1054,6 +1113,12 @@ def json_error(error):
     return jsonify(error=error.description), error.code
 
 
+@api.errorhandler(EditedMeanwhile)
+def edited_meanwhile(error):
+    """The file changed under us ten times in a row: nothing was written, say so."""
+    return jsonify(error=str(error)), 409
+
+
 @api.errorhandler(Exception)
 def unexpected_error(error):
     """A bug or a full disk, never bad input: still JSON, never an HTML page."""
@@ -1097,10 +1162,13 @@ def create_container():
     if not is_valid_name(name):
         abort(400, f"{name!r} is not a valid name: use at most 63 lowercase letters, digits "
                    "and '-', starting and ending with a letter or digit (a DNS-1123 label)")
-    with editing_desired_state() as desired:
+    def declare(desired):
+        """Add the name, unscheduled; 409 if it is already declared."""
         if name in desired:
             abort(409, f"container {name!r} already exists")
         desired[name] = None
+
+    update_desired_state(declare)
     loop_timer.wake()
     return jsonify(container_views({name: None})[0]), 201
 
@@ -1124,10 +1192,13 @@ def get_container(name):
 @api.delete("/api/containers/<name>")
 def delete_container(name):
     """DELETE /api/containers/<name>: forget a container; the loop then stops it."""
-    with editing_desired_state() as desired:
+    def forget(desired):
+        """Remove the name; 404 if it is not declared. Returns the node it had."""
         if name not in desired:
             abort(404, f"no container named {name!r}")
-        node = desired.pop(name)
+        return desired.pop(name)
+
+    node = update_desired_state(forget)
     loop_timer.wake()  # the loop stops it on its node
     return jsonify(name=name, node=node, deleted=True)
 
@@ -1199,6 +1270,10 @@ def classroom_page():
 # The tick log, in English or in the seed's French (kubectl get events and
 # the controllers' logs, in Kubernetes)
 # ---------------------------------------------------------------------------
+# A long list (200,000 intruders in a node's file) is cut in the log and in the API after this
+# many names: "… and 199,980 more".
+LIST_LIMIT = 20
+
 MESSAGES = {
     "en": {
         "tick": "TICK - {time}",
@@ -1338,7 +1413,7 @@ def say(key, **values):
         current_tick["lines_dropped"] += 1
 
 
-def decide(step, **decision):
+def record_decision(step, **decision):
     """Record one decision of this tick, as data, for the page (which explains it)."""
     if current_tick is not None and not current_tick.get("finished_at"):
         decisions = current_tick["decisions"][step]
@@ -1358,12 +1433,12 @@ def count_of(count, unit):
     return f"{text} {singular if count == 1 else plural}"
 
 
-def listing(names, cut=False):
+def listing(names, truncated=False):
     """Names for one log line, cut after LIST_LIMIT: 'a, b, … and 199,990 more'."""
     shown_names = [shown(name) for name in names[:LIST_LIMIT]]
     if len(names) > LIST_LIMIT:
         shown_names.append(message("more", more=count_of(len(names) - LIST_LIMIT, "number")))
-    if cut:
+    if truncated:
         shown_names.append(message("more_unread", size=f"{MAX_READ_BYTES // 1024 // 1024} MiB"))
     return ", ".join(shown_names)
 
@@ -1388,7 +1463,10 @@ def describe(error):
     """Why something failed, in words for people rather than Python's exception text."""
     if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
         error = next(iter(error.errors.values()), error)  # the socket error inside
-    if isinstance(error, (TimeoutError, socket.timeout)) or "banner" in str(error).lower():
+    # paramiko says "Error reading SSH protocol banner" or "Timeout opening channel."
+    # when the node is silent past SSH_TIMEOUT.
+    if isinstance(error, (TimeoutError, socket.timeout)) or any(
+            word in str(error).lower() for word in ("banner", "timeout")):
         return message("reason_timeout", seconds=SSH_TIMEOUT)
     if isinstance(error, socket.gaierror):
         return message("reason_dns")

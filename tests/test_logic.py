@@ -175,9 +175,50 @@ def test_the_file_is_read_with_its_line_endings(tmp_path, monkeypatch):
     path = tmp_path / "desired_state.txt"
     path.write_bytes(b"nginx\r\nredis\r\n")
     monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
-    with c.editing_desired_state() as desired:
-        desired["web"] = None
+    c.update_desired_state(lambda desired: desired.update(web=None))
     assert path.read_bytes() == b"nginx\r\nredis\r\nweb\r\n"
+
+
+def test_a_hand_edit_saved_while_the_loop_writes_is_never_lost(tmp_path, monkeypatch):
+    """The teacher's editor takes no lock. Here the hand edit lands exactly between the
+    controller's read of the file and its write (render_desired_state runs in between):
+    the controller must see the file changed and start again from the teacher's text."""
+    path = tmp_path / "desired_state.txt"
+    path.write_text("app1\n")
+    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
+    real_render, edits = c.render_desired_state, []
+
+    def render_while_the_teacher_saves(text, desired):
+        if not edits:  # once: `echo web >> desired_state.txt` at the worst moment
+            with open(path, "a") as file:
+                file.write("web\n")
+            edits.append("web")
+        return real_render(text, desired)
+
+    monkeypatch.setattr(c, "render_desired_state", render_while_the_teacher_saves)
+    declared = c.parse_desired_state(path.read_text())[0]
+    now = c.save_assignments(declared, {"app1": "node-1"})
+    assert edits == ["web"]
+    assert path.read_text() == "app1:node-1\nweb\n", "the hand edit and the assignment both kept"
+    assert now == {"app1": "node-1", "web": None}
+
+
+def test_a_file_that_never_stops_changing_is_left_alone(tmp_path, monkeypatch):
+    path = tmp_path / "desired_state.txt"
+    path.write_text("app1\n")
+    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
+    real_render = c.render_desired_state
+
+    def render_while_someone_keeps_saving(text, desired):
+        with open(path, "a") as file:
+            file.write("# another save\n")
+        return real_render(text, desired)
+
+    monkeypatch.setattr(c, "render_desired_state", render_while_someone_keeps_saving)
+    with pytest.raises(c.EditedMeanwhile):
+        c.update_desired_state(lambda desired: desired.update(app2=None))
+    assert "app2" not in path.read_text() and path.read_text().startswith("app1\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"], "no temporary file left"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
@@ -353,6 +394,7 @@ def test_a_node_whose_last_actions_failed_is_not_ready_until_they_work():
     (paramiko.AuthenticationException("Authentication failed."), "authentication failed"),
     (paramiko.SSHException("No existing session"), "connection lost"),
     (paramiko.SSHException("Error reading SSH protocol banner"), "no answer within"),
+    (paramiko.SSHException("Timeout opening channel."), "no answer within"),
     (EOFError(), "connection lost"),
 ])
 def test_errors_are_told_in_words_for_people(error, reason):
@@ -474,8 +516,18 @@ def test_the_controller_reads_at_most_one_mebibyte_of_a_node_file(node_shell, tm
     monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
     output = run_on(node_shell, c.observe_command("node-1")).stdout
     assert len(output) == c.MAX_READ_BYTES + 1
-    names, cut = c.parse_running_file(output)
-    assert cut and set(names) == {"intruder"}
+    names, truncated = c.parse_running_file(output)
+    assert truncated and set(names[:-1]) == {"intruder"}
+    assert "intruder".startswith(names[-1]), "the line cut at 1 MiB is kept, as garbage"
+
+
+def test_what_lies_past_the_first_mebibyte_is_removed_too(node_shell, tmp_path):
+    """Found by the chaos run: a 1 MB line, then garbage. The controller reads only the
+    first MiB, which holds nothing but the start of the long line: that partial line is
+    still something to stop, so the node's file is rewritten and everything unwanted goes."""
+    prank = "nginx\n" + "x" * 2_000_000 + "\n" + "\x1e\x00garbage\n" * 10 + "intruder\n"
+    after, _ = converge(node_shell, tmp_path, prank, ["nginx"])
+    assert after == "nginx\n"
 
 
 def test_a_directory_instead_of_the_file_is_a_reason_not_a_silence(node_shell, tmp_path, monkeypatch):
