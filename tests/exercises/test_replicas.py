@@ -53,9 +53,10 @@ def test_a_tick_places_and_keeps_the_replica_line(controller_with):
     running = sorted(name for names in cluster.files.values() for name in names)
     if running != ["web-1", "web-2", "web-3"]:
         advise(f"After one tick web-1..web-3 must run, one each; the nodes run {cluster.files}.")
-    # Delete one Pod: its ReplicaSet declares it again.
-    with controller.editing_desired_state() as desired:
-        del desired["web-2"]
+    # Delete one Pod (its line, as DELETE /api/containers/web-2 does): its ReplicaSet
+    # declares it again.
+    cluster.declare("".join(line + "\n" for line in text.splitlines()
+                            if not line.startswith("web-2")))
     cluster.tick()
     running = sorted(name for names in cluster.files.values() for name in names)
     if running != ["web-1", "web-2", "web-3"]:
