@@ -16,22 +16,26 @@ A REST API (a Flask thread) only writes desired_state.txt and wakes the loop.
 A "container" is simulated: node N runs the names listed, one per line, in its
 file NODE_STATE_DIR/N_running.txt. Starting appends a line; stopping removes it.
 "The seed" is the French project this one grew from (github.com/silefort/
-duckConfKubernetes): same five steps, and LOG_LANG=fr prints its log word for word.
+duckConfKubernetes): same five steps; LOG_LANG=fr prints its log word for word.
+
+Words: a tick is one pass of the five steps. A node is Ready (it answers and
+works), NotReady (it answers, but fails) or Unknown (silent). An intruder is a line
+nobody declared; a zombie, a container still on a node it was moved away from.
 
 What happens when...
-  * a node dies: step 1 gets no answer (the node is Unknown); step 3 unassigns
-    its containers (at once, or after NODE_GRACE_SECONDS); step 4 places them
-    on the emptiest live nodes; step 5 starts them there. If the node comes
-    back, its file still lists them: zombies, which step 5 stops.
+  * a node dies: step 1 gets no answer (Unknown); step 3 unassigns its
+    containers, at once or once it has been silent for the grace period,
+    NODE_GRACE_SECONDS (NotReady: at once); step 4 puts them on the emptiest nodes;
+    step 5 starts them there. Back alive, its file still lists them: zombies.
   * you POST nginx: the API appends "nginx" to desired_state.txt and wakes the
     loop; step 4 makes the line "nginx:node-2"; step 5 appends nginx to node-2's
     file; a check tick 0.3 s later sees it running.
-  * two writers change desired_state.txt at once: see update_desired_state().
+  * two writers change desired_state.txt at once: the API and the loop take
+    turns (one lock); a teacher's editor takes none, so a write first checks
+    the file is still as read, else starts again from the teacher's text.
 
-Then: the settings; the loop and the five steps; the pure decisions they call;
-the machinery (when to tick, SSH, the file, the API, the log), each part saying
-who does its job in Kubernetes. Left out on purpose: real containers (kubelet
-and runtime), a database with watches (etcd), leader election, heartbeats.
+Below: settings, the loop, the five steps, the pure decisions, then machinery (timer,
+SSH, file, API, log). Left out: real containers, etcd, leader election, heartbeats.
 """
 
 import errno
@@ -60,9 +64,8 @@ from werkzeug.serving import make_server
 # ---------------------------------------------------------------------------
 # Settings: environment variables (the defaults fit docker-compose.yml)
 # ---------------------------------------------------------------------------
-# A typo in a setting must not become a traceback in front of the class: a bad
-# value is noted with a sentence naming it, and main() prints them all and
-# exits with status 2 before anything starts.
+# A typo must not become a traceback in front of the class: a bad value is
+# noted, and main() prints them all and exits with status 2 before starting.
 configuration_errors = []
 
 
@@ -86,9 +89,8 @@ def setting(variable, default, convert, expected, is_ok=lambda value: True, secr
     return convert(default)
 
 
-# A container name is a DNS-1123 label, as for Kubernetes objects: lowercase
-# letters, digits and '-', alphanumeric at both ends, at most 63 characters.
-# It also makes every name safe to put in a shell command and a sed pattern.
+# A name is a DNS-1123 label, as in Kubernetes: a-z, 0-9 and '-', alphanumeric at both
+# ends, at most 63 characters. Safe, too, in a shell command and a sed pattern.
 NAME_PATTERN = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 
 
@@ -98,24 +100,27 @@ def is_valid_name(name):
 
 
 def parse_nodes(spec, default_port):
-    """'node-1,node-2=127.0.0.1:2202' -> {'node-1': ('node-1', 22), 'node-2': ('127.0.0.1', 2202)}
-
-    An IPv6 address goes in brackets ('node-1=[::1]:2202'). Raises SettingError saying what is wrong."""
+    """'node-1,node-2=10.0.0.2:2202,node-3=[::1]' -> {name: (host, port)}, or SettingError."""
     nodes = {}
     for entry in spec.split(","):
         name, _, address = (part.strip() for part in entry.partition("="))
+        if not name:
+            raise SettingError("an empty node name (a comma too many?)")
         if not is_valid_name(name):
-            raise SettingError(f"{name!r} is not a node name (a comma too many?)" if not name else
-                             f"{name!r} is not a valid node name (lowercase letters, digits, '-')")
+            raise SettingError(f"{name!r} is not a valid node name (lowercase letters, digits, '-')")
         if name in nodes:
             raise SettingError(f"{name!r} is listed twice")
-        found = re.fullmatch(r"\[([^\]]+)\](?::(.*))?|([^:\[\]]+)(?::(.*))?", address or name)
-        if not found:
+        address = address or name
+        if address.startswith("["):  # [IPv6]:port
+            host, _, port = address[1:].partition("]")
+            port = port.removeprefix(":")
+        elif address.count(":") == 1 or ":" not in address:  # host or host:port
+            host, _, port = address.partition(":")
+        else:
             raise SettingError(f"{address!r}: write host, host:port or [IPv6]:port")
-        host = (found.group(1) or found.group(3)).strip()
-        port = (found.group(2) or found.group(4) or str(default_port)).strip()
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise SettingError(f"{name!r}: the port must be a whole number from 1 to 65535")
+        host, port = host.strip(), port.strip() or str(default_port)
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingError(f"{name!r}: write host, host:port or [IPv6]:port, a port from 1 to 65535")
         nodes[name] = (host, int(port))
     return nodes
 
@@ -141,19 +146,14 @@ SSH_TIMEOUT = setting("SSH_TIMEOUT", "3", float, "seconds, more than 0",
 NODE_STATE_DIR = os.environ.get("NODE_STATE_DIR", "/app/nodes")
 DESIRED_STATE_FILE = os.environ.get("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
-# (Not below 0.1 s: a loop that never sleeps would only heat the laptop.)
 TICK_SECONDS = setting("TICK_SECONDS", "5", float, "seconds, at least 0.1", finite(0.1))
-# How long a node that does not answer keeps its containers before they move.
-# 0, the seed's choice: at the first missed observation. Kubernetes waits 50 s
-# (node-monitor-grace-period), then 300 s (the unreachable taint's
-# tolerationSeconds): a crashed node and a node cut off by the network look
-# the same from here, and only the crashed one is safe to replace.
+# How long a silent node keeps its containers. 0, the seed's choice: they move at the
+# first missed observation. Kubernetes waits 50 s, then 300 s more (its grace period,
+# then a toleration): from here a crashed node and a cut cable look the same.
 NODE_GRACE_SECONDS = setting("NODE_GRACE_SECONDS", "0", float, "seconds, at least 0", finite(0))
-# After a tick that started or stopped something, the next tick comes this
-# soon to check the work (controller-runtime's requeue), not a whole period later.
+# After a tick that acted, the next one comes this soon to check (a controller's requeue).
 REQUEUE_SECONDS = 0.3
-# Loopback by default: only this machine can reach the API until you decide
-# otherwise (docker-compose.yml sets 0.0.0.0 inside the controller's container).
+# Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = os.environ.get("API_HOST", "127.0.0.1")
 API_PORT = setting("API_PORT", "8080", int, "a port number, 1 to 65535", tcp_port)
 # Unset (or empty): anyone who reaches the API may change the cluster. Set: every
@@ -177,13 +177,10 @@ def control_loop():
             acted = run_tick(trigger)
         except ShuttingDown:
             return
-        except Exception as error:
-            # A bug, a full disk: log it and tick again later. A controller that
-            # dies on one bad tick would leave the cluster unwatched.
+        except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             fail_tick(error)
-        # A tick that started or stopped something is checked soon after (the
-        # "requeue" of Kubernetes controllers), but only once: if the check acts
-        # again, the timer decides, so a node that keeps changing cannot make us spin.
+        # A tick that acted is checked soon after, once: if the check acts again, the
+        # timer decides, so a node that keeps changing cannot make the loop spin.
         check_soon = acted and trigger != "requeue"
         trigger = loop_timer.wait_for_next_tick(check_soon)
         if trigger is None:  # the process got SIGTERM or Ctrl-C
@@ -206,7 +203,7 @@ def run_tick(trigger):
 
     begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
     # A node in its grace period keeps its containers: it may only be cut off.
-    holding_nodes = observed.live_nodes + list(observed.waiting)
+    holding_nodes = observed.live_nodes + list(observed.in_grace)
     assignments, orphans = cleanup_dead_nodes(declared, holding_nodes)
     explain_cleanup(orphans, observed)
 
@@ -217,15 +214,15 @@ def run_tick(trigger):
     desired = save_assignments(declared, assignments)
 
     begin_step(5)  # RECONCILE: diff, then act (every controller's sync)
-    failures, acted = reconcile(observed.running, desired)
+    failed_nodes, acted = reconcile(observed.running, desired)
 
-    end_tick(failures, unscheduled=[name for name, node in assignments.items() if node is None])
+    end_tick(failed_nodes, unscheduled=[name for name, node in assignments.items() if node is None])
     return acted
 
 
 # Why each node's last actions failed, when the node answered but its command
 # failed there: next tick that node is NotReady, until an action works again.
-failed_actions = {}
+last_action_errors = {}
 # When each node last answered (time.monotonic()): the start of its silence.
 last_answered = {node: time.monotonic() for node in NODES}
 
@@ -234,7 +231,7 @@ class Observation(NamedTuple):
     """What step 1 saw."""
     running: dict     # node -> the names in its file, for every node that answered
     live_nodes: list  # the Ready nodes: they keep and get containers
-    waiting: dict     # Unknown nodes in their grace period: node -> (silent for, eviction in)
+    in_grace: dict    # Unknown nodes in their grace period: node -> (silent for, eviction in)
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
 
@@ -245,7 +242,7 @@ def get_current_state():
     NotReady: facts to log, not errors. Only Ready nodes are live."""
     answers = on_every_node({node: observe_command(node) for node in NODES})
     now = time.monotonic()
-    conditions = node_conditions(answers, failed_actions)
+    conditions = node_conditions(answers, last_action_errors)
     running, truncated = {}, set()
     for node, answer in answers.items():
         if not isinstance(answer, Exception):
@@ -254,11 +251,11 @@ def get_current_state():
             if was_truncated:
                 truncated.add(node)
     live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
-    waiting = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
+    in_grace = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     for node in NODES:
         condition, reason = conditions[node]
-        if node in waiting:
-            silent_for, eviction_in = waiting[node]
+        if node in in_grace:
+            silent_for, eviction_in = in_grace[node]
             say("node_waiting", node=node, silent=silent_for, left=eviction_in)
         elif condition == "Unknown":
             say("node_down", node=node)
@@ -271,7 +268,7 @@ def get_current_state():
     say("running_count", containers=count_of(sum(len(running[node]) for node in live_nodes),
                                              "container"),
         nodes=count_of(len(live_nodes), "node"))
-    observation = Observation(running, live_nodes, waiting, conditions)
+    observation = Observation(running, live_nodes, in_grace, conditions)
     remember_observation(observation)
     return observation
 
@@ -342,7 +339,7 @@ def reconcile(observed, desired):
     A NotReady node is acted on too: its containers were moved away, so what
     still runs there is stopped, and a node that works again proves it here."""
     plan = plan_reconcile(observed, desired)
-    for node in failed_actions:
+    for node in last_action_errors:
         if node in observed and node not in plan:
             # Nothing to start or stop there, but act anyway (an empty action):
             # that is how a NotReady node shows it works again.
@@ -350,16 +347,16 @@ def reconcile(observed, desired):
     commands = {node: act_command(node, node_plan.to_keep, node_plan.to_start)
                 for node, node_plan in plan.items()}
     results = on_every_node(commands)
-    failures = {node: result for node, result in results.items() if isinstance(result, Exception)}
-    acted = any(plan[node].to_start or plan[node].to_stop for node in plan if node not in failures)
+    failed_nodes = {node: result for node, result in results.items() if isinstance(result, Exception)}
+    acted = any(plan[node].to_start or plan[node].to_stop for node in plan if node not in failed_nodes)
     for node, result in results.items():
         if isinstance(result, NodeError):
-            failed_actions[node] = describe(result)
-        elif node not in failures:
-            failed_actions.pop(node, None)
+            last_action_errors[node] = describe(result)
+        elif node not in failed_nodes:
+            last_action_errors.pop(node, None)
     for node, (to_start, to_stop, _) in plan.items():
-        ok = node not in failures
-        record_decision("reconcile", node=node, ok=ok, error=describe(failures[node]) if not ok else None,
+        ok = node not in failed_nodes
+        record_decision("reconcile", node=node, ok=ok, error=describe(failed_nodes[node]) if not ok else None,
                should_run=[name for name, assigned in desired.items() if assigned == node][:LIST_LIMIT],
                ran=[cut_text(name) for name in observed[node][:LIST_LIMIT]],
                ran_count=len(observed[node]), start=to_start[:LIST_LIMIT],
@@ -371,8 +368,8 @@ def reconcile(observed, desired):
         for name in to_start:
             say("start", name=name, node=node)
         if not ok:
-            say("actions_failed", node=node, error=describe(failures[node]))
-    return failures, acted
+            say("actions_failed", node=node, error=describe(failed_nodes[node]))
+    return failed_nodes, acted
 
 
 # ---------------------------------------------------------------------------
@@ -455,7 +452,7 @@ def plan_reconcile(observed, desired):
     return plan
 
 
-def node_conditions(answers, failed_actions):
+def node_conditions(answers, last_action_errors):
     """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
 
     Ready: it answered and works. NotReady: it answered, but fails (its command
@@ -467,9 +464,9 @@ def node_conditions(answers, failed_actions):
             conditions[node] = ("NotReady", describe(answer))
         elif isinstance(answer, Exception):
             conditions[node] = ("Unknown", describe(answer))
-        elif node in failed_actions:
+        elif node in last_action_errors:
             conditions[node] = ("NotReady", message("reason_actions_failed",
-                                                    error=failed_actions[node]))
+                                                    error=last_action_errors[node]))
         else:
             conditions[node] = ("Ready", None)
     return conditions
@@ -481,12 +478,12 @@ def grace_periods(conditions, last_answered, now, grace):
     From here a crashed node and a node cut off by the network look the same;
     the cut-off one still runs its containers, and starting them elsewhere at
     once would run them twice. So, as Kubernetes does, we wait a while."""
-    waiting = {}
+    in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
         if condition == "Unknown" and silent_for < grace:
-            waiting[node] = (silent_for, grace - silent_for)
-    return waiting
+            in_grace[node] = (silent_for, grace - silent_for)
+    return in_grace
 
 
 # ---------------------------------------------------------------------------
@@ -1001,8 +998,8 @@ def remember_observation(observation):
                 status["since"] = now
             status.update(condition=condition, reason=reason, up=condition == "Ready",
                           error=reason, eviction_in=None, eviction_at=None)
-            if node in observation.waiting:  # in its grace period: when will it be evicted?
-                silent_for, eviction_in = observation.waiting[node]
+            if node in observation.in_grace:  # in its grace period: when will it be evicted?
+                silent_for, eviction_in = observation.in_grace[node]
                 status.update(eviction_in=round(eviction_in, 1), eviction_at=now + eviction_in)
             if node in observation.running:
                 names = observation.running[node]
@@ -1024,10 +1021,10 @@ def begin_tick(trigger):
     emit("=" * 70)
 
 
-def end_tick(failures, unscheduled, failed=None):
+def end_tick(failed_nodes, unscheduled, failed=None):
     """Print the verdict and keep the finished tick for the API."""
     global last_tick_finished, failed_ticks_in_a_row
-    reasons = [f"{node}: {describe(error)}" for node, error in failures.items()]
+    reasons = [f"{node}: {describe(error)}" for node, error in failed_nodes.items()]
     if unscheduled:
         reasons.append(message("unscheduled_reason",
                                containers=count_of(len(unscheduled), "container")))

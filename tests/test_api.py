@@ -46,7 +46,7 @@ def printed(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "last_tick_finished", now)
     monkeypatch.setattr(c, "node_status", {node: c.unobserved_node() for node in c.NODES})
     monkeypatch.setattr(c, "running_names", {node: set() for node in c.NODES})
-    monkeypatch.setattr(c, "failed_actions", {})
+    monkeypatch.setattr(c, "last_action_errors", {})
     monkeypatch.setattr(c, "last_answered", {node: now for node in c.NODES})
     monkeypatch.setattr(c, "connections", {})
     monkeypatch.setattr(c, "handshakes", {node: 0 for node in c.NODES})

@@ -57,9 +57,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("variable, value, says", [
-    ("NODES", "node-1=h:22x", "'node-1': the port must be a whole number from 1 to 65535"),
+    ("NODES", "node-1=h:22x", "'node-1': write host, host:port or [IPv6]:port, a port from 1 to 65535"),
     ("NODES", "node-1=::1:22", "write host, host:port or [IPv6]:port"),
-    ("NODES", "node-1,node-2,", "'' is not a node name (a comma too many?)"),
+    ("NODES", "node-1,node-2,", "an empty node name (a comma too many?)"),
     ("NODES", "node-1,node-1=h:2202", "'node-1' is listed twice"),
     ("NODES", "Node_1", "not a valid node name"),
     ("NODES", "node-1=h:70000", "from 1 to 65535"),
