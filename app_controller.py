@@ -174,7 +174,7 @@ def control_loop():
     while True:
         acted = False
         try:
-            acted = run_tick(trigger)
+            acted = run_tick(trigger)  # the five steps: observe, read, cleanup, schedule, reconcile
         except ShuttingDown:
             return
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing

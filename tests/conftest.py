@@ -1,10 +1,12 @@
-"""Shared pytest set-up: the tests import app_controller.py from the repository root."""
+"""Shared pytest set-up: the tests import app_controller.py from the repository root,
+and tests/sshd_nodes.py (real sshd nodes, the controller process, wait_until) from here."""
 
 import os
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 
 # The exercises' checks fail on purpose until a student solves them: `pytest tests`

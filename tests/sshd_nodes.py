@@ -71,19 +71,24 @@ def ssh_banner(host, port, timeout=1.0):
     return line.decode("ascii", "replace") if line.startswith(b"SSH-") else None
 
 
-def wait_until(predicate, timeout=15.0, interval=0.05, what="the condition"):
+def wait_until(predicate, timeout=15.0, interval=0.05, what="the condition", ignoring=()):
     """Poll predicate() until it returns something truthy, and return that value.
 
     The suite's one way to wait: on timeout, raise AssertionError naming `what`
-    was awaited (and the last value seen), so a test fails saying what never came."""
+    was awaited (and the last value seen), so a test fails saying what never came.
+    An exception of a type in `ignoring` (an API restarting, a page redrawing)
+    counts as "not yet"."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = last_seen = predicate()
+        except ignoring as error:
+            value, last_seen = None, error
         if value:
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
-                                 f"(last value: {value!r:.200})")
+                                 f"(last seen: {last_seen!r:.200})")
         time.sleep(interval)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from sshd_nodes import SSHD, Controller, SshdCluster
+from sshd_nodes import wait_until as shared_wait_until
 
 try:
     from selenium import webdriver
@@ -58,17 +59,9 @@ def unavailable(reason):
 
 
 def wait_until(predicate, timeout=WAIT, interval=0.05, message="condition"):
-    """Return the first truthy predicate() within `timeout` seconds, or fail saying what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (StaleElementReferenceException, NoSuchElementException):
-            value = None  # the page redrew under us, or has not drawn it yet: ask again
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    """The suite's wait_until; a page that redrew under us, or has not drawn it yet, is "not yet"."""
+    return shared_wait_until(predicate, timeout, interval, what=message,
+                             ignoring=(StaleElementReferenceException, NoSuchElementException))
 
 
 # What the page shows, read from its data attributes in one round trip.
@@ -363,6 +356,12 @@ def test_delete_button_stops_the_container(page, ctl, cluster):
     wait_until(lambda: "doomed" not in cluster.placements(), message="doomed gone from every node")
 
 
+def wait_quiet_for(ctl, seconds):
+    """Wait until the controller itself says no tick has finished for `seconds` (its /healthz)."""
+    wait_until(lambda: ctl.get("/healthz")[1]["seconds_since_last_tick"] >= seconds,
+               timeout=seconds + WAIT, message=f"{seconds:g} s without a tick, by the controller's clock")
+
+
 def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
     page.click("#btn-pause")
     # Paused, and the tick that may have been running has finished and is shown.
@@ -372,7 +371,7 @@ def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
     assert snapshot["countdown"] == "timer off"
 
     page.add("late")  # while paused, an API change does not tick either
-    time.sleep(2.5 * TICK_SECONDS)
+    wait_quiet_for(ctl, 2.5 * TICK_SECONDS)
     snapshot = page.snapshot()
     assert snapshot["tick_count"] == count == ctl.get("/api/loop")[1]["tick_count"]
     assert snapshot["containers"]["late"]["status"] == "unscheduled"
@@ -381,7 +380,7 @@ def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
     page.click("#btn-step")
     snapshot = page.wait_for(lambda s: s["ticks"][0]["number"] == count + 1, "the stepped tick shown")
     assert snapshot["ticks"][0]["mode"] == "step" and snapshot["paused"]
-    time.sleep(2.5 * TICK_SECONDS)
+    wait_quiet_for(ctl, 2.5 * TICK_SECONDS)
     snapshot = page.snapshot()
     assert snapshot["tick_count"] == count + 1 == ctl.get("/api/loop")[1]["tick_count"]
     assert snapshot["containers"]["late"]["status"] == "pending"  # scheduled by the step, not yet observed
