@@ -341,9 +341,9 @@ def reconcile(observed, desired):
     plan = plan_reconcile(observed, desired)
     for node in last_action_errors:
         if node in observed and node not in plan:
-            # Nothing to start or stop there, but act anyway (an empty action):
-            # that is how a NotReady node shows it works again.
-            plan[node] = NodePlan([], [], [])
+            # Nothing to start or stop there, but act anyway (an action that keeps
+            # every line): that is how a NotReady node shows it works again.
+            plan[node] = NodePlan([], [], list(observed[node]))
     commands = {node: act_command(node, node_plan.to_keep, node_plan.to_start)
                 for node, node_plan in plan.items()}
     results = on_every_node(commands)

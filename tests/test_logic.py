@@ -720,3 +720,25 @@ def test_a_step_ticks_at_once_paused_or_not_and_before_a_wake_up():
     assert first_trigger(paused=True, steps_requested=1) == (0.0, "step")
     assert first_trigger(paused=True, steps_requested=1, woken=True) == (0.0, "step")
     assert first_trigger(paused=False, steps_requested=2, woken=True) == (0.0, "step")
+
+
+def test_the_probe_action_on_a_not_ready_node_keeps_what_it_runs(tmp_path, monkeypatch):
+    """Found in review: a NotReady node with nothing to do still gets an action (to see
+    whether it works again). That action must keep the node's lines, not wipe them."""
+    (tmp_path / "node-1_running.txt").write_text("web\n")
+    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(c, "last_action_errors", {"node-1": "sed: disk full"})
+    monkeypatch.setattr(c, "emit", lambda text: None)
+    sent = {}
+
+    def run_with_a_real_shell(commands):  # what SSH would do on the node
+        sent.update(commands)
+        return {node: subprocess.run(["sh", "-c", command], check=True).stdout or b""
+                for node, command in commands.items()}
+
+    monkeypatch.setattr(c, "on_every_node", run_with_a_real_shell)
+    failed_nodes, acted = c.reconcile({"node-1": ["web"]}, {"web": "node-1"})
+    assert list(sent) == ["node-1"], "the NotReady node was given its probe action"
+    assert (failed_nodes, acted) == ({}, False)
+    assert (tmp_path / "node-1_running.txt").read_text() == "web\n"
+    assert c.last_action_errors == {}, "the action worked: the node is Ready again"
