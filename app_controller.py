@@ -999,7 +999,7 @@ def remember_observation(observation):
             status.update(condition=condition, reason=reason, up=condition == "Ready",
                           error=reason, eviction_in=None, eviction_at=None)
             if node in observation.in_grace:  # in its grace period: when will it be evicted?
-                silent_for, eviction_in = observation.in_grace[node]
+                _, eviction_in = observation.in_grace[node]
                 status.update(eviction_in=round(eviction_in, 1), eviction_at=now + eviction_in)
             if node in observation.running:
                 names = observation.running[node]
@@ -1013,7 +1013,7 @@ def begin_tick(trigger):
     global current_tick, tick_count
     tick_count += 1
     current_tick = {"number": tick_count, "mode": trigger, "started_at": time.time(),
-                    "steps": [], "actions": [], "lines_dropped": 0,
+                    "steps": [], "actions": [],
                     "decisions": {"cleanup": [], "schedule": [], "reconcile": []}}
     emit("\n" + "=" * 70)
     say("tick_" + trigger if trigger in ("wake", "step", "requeue") else "tick",
@@ -1404,10 +1404,8 @@ def say(key, **values):
     if current_tick is None or current_tick.get("finished_at") or not current_tick["steps"]:
         return
     lines = current_tick["steps"][-1]["lines"]
-    if len(lines) < MAX_LINES_KEPT:
+    if len(lines) < MAX_LINES_KEPT:  # the page's copy is bounded; the log has every line
         lines.append(text.strip())
-    else:
-        current_tick["lines_dropped"] += 1
 
 
 def record_decision(step, **decision):

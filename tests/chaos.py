@@ -67,7 +67,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sshd_nodes import VERDICT, Controller, SshdCluster  # noqa: E402
+from sshd_nodes import VERDICT, Controller, SshdCluster, memory_kb  # noqa: E402
 
 TICK_SECONDS = 1.0
 SSH_TIMEOUT = 1.5
@@ -159,20 +159,6 @@ class History:
 # Watching the controller process: liveness and memory
 # ----------------------------------------------------------------------------
 
-def memory_kb(pid):
-    """(VmRSS, VmHWM) of a process in kB, or None if it is gone."""
-    values = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    values[key] = int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return values.get("VmRSS", 0), values.get("VmHWM", 0)
-
-
 class Monitor(threading.Thread):
     """Samples the controller every SAMPLE_SECONDS: is it up, how much memory.
 
@@ -222,8 +208,8 @@ class Monitor(threading.Thread):
 # ----------------------------------------------------------------------------
 
 def running_lines(path):
-    """The containers a node file lists, read exactly as the controller reads them
-    (`cat`, UTF-8 with replacement, split on newlines, empty lines skipped)."""
+    """The containers a node file lists: all of it (the controller reads only its first
+    MiB), UTF-8 with replacement, split on newlines, empty lines skipped."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:

@@ -92,6 +92,29 @@ def wait_until(predicate, timeout=15.0, interval=0.05, what="the condition", ign
         time.sleep(interval)
 
 
+def memory_kb(pid):
+    """(VmRSS, VmHWM) of a process in kB, or None if it is gone."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    values[key] = int(value.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def children(pid):
+    """The PIDs of a process's direct children."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:  # kernels without /proc/PID/task/TID/children
+        return [child for child, parent in parent_pids().items() if parent == pid]
+
+
 def parent_pids():
     """{pid: its parent's pid} for every live process, read once from /proc/*/stat."""
     parents = {}
@@ -291,13 +314,7 @@ class SshdNode:
 
     def connections(self):
         """PIDs of the listener's direct children: one per open SSH connection."""
-        if not self.alive:
-            return []
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:  # kernels without /proc/PID/task/TID/children
-            return [child for child, parent in parent_pids().items() if parent == self.proc.pid]
+        return children(self.proc.pid) if self.alive else []
 
     def sessions(self):
         """PIDs of the processes forked by this sshd (one tree per SSH connection)."""
@@ -599,6 +616,13 @@ class Controller:
 
     def delete(self, path, **kw):
         return self.request("DELETE", path, **kw)
+
+    def wait_quiet(self, seconds, timeout=30.0):
+        """Wait until the controller itself says no tick finished for `seconds` (its /healthz):
+        how a test proves that nothing ticked, without a bare sleep."""
+        wait_until(lambda: self.get("/healthz")[1]["seconds_since_last_tick"] >= seconds,
+                   timeout=seconds + timeout, interval=0.1,
+                   what=f"{seconds:g} s without a tick (/healthz)")
 
     def wait_healthy(self, timeout=15.0):
         """Wait until GET /healthz answers 200; return its body. AssertionError (with the

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sshd_nodes import VERDICT, Controller, wait_until  # noqa: E402
+from sshd_nodes import VERDICT, Controller, children, memory_kb, wait_until  # noqa: E402
 from test_integration_ssh import (SSH_TIMEOUT, TICK_SECONDS, WAIT, assert_each_once,  # noqa: E402,F401
                                   cluster, ctl, line, post, pytestmark, ssh_keys,
                                   start_controller, wait_each_once, wait_running)
@@ -30,14 +30,8 @@ STATE_LIMIT_BYTES = 200_000
 
 def peak_rss_mb(ctl):
     """The controller process's peak resident memory so far (VmHWM), in MB."""
-    for text in Path(f"/proc/{ctl.proc.pid}/status").read_text().splitlines():
-        if text.startswith("VmHWM:"):
-            return int(text.split()[1]) / 1024
-    raise AssertionError("no VmHWM in /proc/<pid>/status")
-
-
-def node_of(ctl, name):
-    return wait_running(ctl, name)
+    _, peak_kb = memory_kb(ctl.proc.pid)
+    return peak_kb / 1024
 
 
 # --- pranks in a node's file ------------------------------------------------------------
@@ -53,7 +47,7 @@ PRANKS = {
 @pytest.mark.parametrize("prank", list(PRANKS))
 def test_a_pranked_node_file_is_healed_within_two_ticks_with_bounded_memory(cluster, ctl, prank):
     post(ctl, "nginx")
-    node = node_of(ctl, "nginx")
+    node = wait_running(ctl, "nginx")
     ctl.wait_ticks(1)
     with open(cluster[node].state_file, "ab") as file:
         file.write(PRANKS[prank]())
@@ -73,7 +67,7 @@ def test_a_pranked_node_file_is_healed_within_two_ticks_with_bounded_memory(clus
 
 def test_a_flood_is_logged_cut_with_the_count(cluster, ctl):
     post(ctl, "nginx")
-    node = node_of(ctl, "nginx")
+    node = wait_running(ctl, "nginx")
     with open(cluster[node].state_file, "a") as file:
         file.writelines(f"intruder{i}\n" for i in range(30))
     mark = ctl.mark()
@@ -152,7 +146,8 @@ def test_the_loop_survives_a_closed_stdout(cluster, tmp_path):
                                 cwd=str(ctl.script.parent), env=ctl.env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _healthy(ctl), what="the API answers")
+        wait_until(lambda: ctl.get("/healthz", timeout=1)[0] == 200, what="the API answers",
+                   ignoring=(OSError,))
         wait_until(lambda: "head" not in _children(pipeline), what="head took 5 lines and exited")
         post(ctl, "nginx")
         wait_each_once(cluster, ["nginx"])
@@ -165,17 +160,10 @@ def test_the_loop_survives_a_closed_stdout(cluster, tmp_path):
         pipeline.wait(timeout=10)
 
 
-def _healthy(ctl):
-    try:
-        return ctl.get("/healthz", timeout=1)[0] == 200
-    except OSError:
-        return False
-
-
 def _children(process):
     """The command names of a process's children."""
     names = []
-    for child in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+    for child in children(process.pid):
         try:
             names.append(Path(f"/proc/{child}/comm").read_text().strip())
         except FileNotFoundError:

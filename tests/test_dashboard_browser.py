@@ -58,9 +58,9 @@ def unavailable(reason):
     pytest.skip(reason)
 
 
-def wait_until(predicate, timeout=WAIT, interval=0.05, message="condition"):
+def wait_until(predicate, timeout=WAIT, interval=0.05, what="the condition"):
     """The suite's wait_until; a page that redrew under us, or has not drawn it yet, is "not yet"."""
-    return shared_wait_until(predicate, timeout, interval, what=message,
+    return shared_wait_until(predicate, timeout, interval, what=what,
                              ignoring=(StaleElementReferenceException, NoSuchElementException))
 
 
@@ -114,7 +114,7 @@ class Page:
 
     def open(self):
         self.driver.get(self.url)
-        wait_until(lambda: self.snapshot()["ticks"], message="the page to show a tick")
+        wait_until(lambda: self.snapshot()["ticks"], what="the page to show a tick")
         return self
 
     def snapshot(self):
@@ -125,7 +125,7 @@ class Page:
         def check():
             snapshot = self.snapshot()
             return snapshot if predicate(snapshot) else None
-        return wait_until(check, timeout, message=message)
+        return wait_until(check, timeout, what=message)
 
     def add(self, name):
         field = self.driver.find_element(By.ID, "add-name")
@@ -141,7 +141,7 @@ class Page:
 
     def click(self, css):
         wait_until(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click() or True,
-                   message=f"a clickable {css}")
+                   what=f"a clickable {css}")
 
     def screenshot(self, name):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def add_running(ctl, *names):
     def all_running():
         listing = {c["name"]: c for c in ctl.get("/api/containers")[1]}
         return all(listing[n]["status"] == "running" for n in names) and {n: listing[n]["node"] for n in names}
-    return wait_until(all_running, message=f"{names} running")
+    return wait_until(all_running, what=f"{names} running")
 
 
 # ----------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_container_added_from_the_form_goes_running(page, cluster):
         if status and (not seen or seen[-1] != status):
             seen.append(status)
         return status == "running"
-    wait_until(running, message="web running on the page")
+    wait_until(running, what="web running on the page")
     # pending lasts about 0.3 s now (the requeue checks a START at once): the page,
     # polling twice a second, may or may not catch it, but never goes backwards.
     order = ["unscheduled", "pending", "running"]
@@ -353,13 +353,7 @@ def test_delete_button_stops_the_container(page, ctl, cluster):
     add_running(ctl, "doomed")
     page.click('button[data-delete="doomed"]')
     page.wait_for(lambda s: "doomed" not in s["containers"], "doomed gone from the containers")
-    wait_until(lambda: "doomed" not in cluster.placements(), message="doomed gone from every node")
-
-
-def wait_quiet_for(ctl, seconds):
-    """Wait until the controller itself says no tick has finished for `seconds` (its /healthz)."""
-    wait_until(lambda: ctl.get("/healthz")[1]["seconds_since_last_tick"] >= seconds,
-               timeout=seconds + WAIT, message=f"{seconds:g} s without a tick, by the controller's clock")
+    wait_until(lambda: "doomed" not in cluster.placements(), what="doomed gone from every node")
 
 
 def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
@@ -371,7 +365,7 @@ def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
     assert snapshot["countdown"] == "timer off"
 
     page.add("late")  # while paused, an API change does not tick either
-    wait_quiet_for(ctl, 2.5 * TICK_SECONDS)
+    ctl.wait_quiet(2.5 * TICK_SECONDS)
     snapshot = page.snapshot()
     assert snapshot["tick_count"] == count == ctl.get("/api/loop")[1]["tick_count"]
     assert snapshot["containers"]["late"]["status"] == "unscheduled"
@@ -380,7 +374,7 @@ def test_pause_then_one_step_runs_exactly_one_tick(page, ctl):
     page.click("#btn-step")
     snapshot = page.wait_for(lambda s: s["ticks"][0]["number"] == count + 1, "the stepped tick shown")
     assert snapshot["ticks"][0]["mode"] == "step" and snapshot["paused"]
-    wait_quiet_for(ctl, 2.5 * TICK_SECONDS)
+    ctl.wait_quiet(2.5 * TICK_SECONDS)
     snapshot = page.snapshot()
     assert snapshot["tick_count"] == count + 1 == ctl.get("/api/loop")[1]["tick_count"]
     assert snapshot["containers"]["late"]["status"] == "pending"  # scheduled by the step, not yet observed
@@ -406,7 +400,7 @@ def test_lively_screenshot_for_the_readme(driver, tmp_path):
         add_running(ctl, "web", "api", "db", "cache", "queue", "auth")
         ctl.post("/api/loop/pause")
         wait_until(lambda: ctl.get("/api/state")[1]["ticks"][-1]["number"] == ctl.get("/api/loop")[1]["tick_count"],
-                   message="the last tick finished")
+                   what="the last tick finished")
         with open(cluster["node-1"].state_file, "a") as file:
             file.write("intruder\n")
         cluster["node-2"].kill()
@@ -616,7 +610,7 @@ def test_accessibility_audit_finds_nothing_serious(node_down_paused, width, heig
         unavailable(f"{AXE_JS} not found: npm install --prefix tests/.axe axe-core (tests/run does it)")
     driver = node_down_paused.driver
     set_viewport(driver, width, height)
-    wait_until(lambda: driver.execute_script("return window.innerWidth") == width, message=f"a {width} px window")
+    wait_until(lambda: driver.execute_script("return window.innerWidth") == width, what=f"a {width} px window")
     violations = run_axe(driver)
     print(json.dumps(violations, indent=1))
     node_down_paused.screenshot(f"axe-{width}x{height}")
@@ -628,7 +622,7 @@ def test_accessibility_audit_finds_nothing_serious(node_down_paused, width, heig
 def test_fits_a_projector_without_sideways_scrolling(node_down_paused, width, height):
     driver = node_down_paused.driver
     set_viewport(driver, width, height)
-    wait_until(lambda: driver.execute_script("return window.innerWidth") == width, message=f"a {width} px window")
+    wait_until(lambda: driver.execute_script("return window.innerWidth") == width, what=f"a {width} px window")
     chips = driver.execute_script("return document.querySelectorAll('#nodes .chip').length")
     assert chips >= 6, "the page should hold chips to measure"
     sizes = driver.execute_script(OVERFLOW_JS)
@@ -669,14 +663,14 @@ def test_grace_period_counts_down_and_a_node_back_in_time_moved_nothing(driver, 
         mark = ctl.mark()
 
         cluster[victim].kill()
-        first = wait_until(lambda: eviction_seconds(driver, victim), message=f"a countdown on {victim}")
+        first = wait_until(lambda: eviction_seconds(driver, victim), what=f"a countdown on {victim}")
         assert first <= grace
         snapshot = page.snapshot()
         assert snapshot["containers"]["app1"]["status"] == "unknown"
         assert snapshot["containers"]["app1"]["node"] == victim
         row = driver.find_element(By.CSS_SELECTOR, '#containers tr[data-container="app1"]').text
         assert f"{victim} does not answer: eviction in" in row
-        wait_until(lambda: (eviction_seconds(driver, victim) or first) < first, message="the countdown going down")
+        wait_until(lambda: (eviction_seconds(driver, victim) or first) < first, what="the countdown going down")
         page.screenshot("grace")
 
         cluster[victim].start()
@@ -711,7 +705,7 @@ def french_ctl(tmp_path_factory):
 def test_french_log_makes_a_french_page(driver, french_ctl):
     page = Page(driver, french_ctl.base_url + "/").open()
     wait_until(lambda: driver.execute_script("return document.documentElement.lang") == "fr",
-               message='<html lang="fr">')
+               what='<html lang="fr">')
     text = lambda css: driver.find_element(By.CSS_SELECTOR, css).text
     page.wait_for(lambda s: s["countdown"].startswith("prochain tick dans"), "a French countdown")
     assert text("#loop-badge") == "● en marche"

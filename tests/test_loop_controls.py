@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sshd_nodes import TICK, VERDICT, Controller, free_port, wait_until  # noqa: E402
+from sshd_nodes import TICK, VERDICT, Controller, free_port  # noqa: E402
 
 WAIT = 15  # generous: behaviour, not speed
 PERIOD = 0.3  # the tick period of most tests here
@@ -73,9 +73,7 @@ def pause(ctl):
 
 def wait_silence(ctl, periods=4):
     """Wait until the controller says no tick finished for `periods` tick periods."""
-    seconds = periods * PERIOD
-    wait_until(lambda: ctl.get("/healthz")[1]["seconds_since_last_tick"] >= seconds + 0.1,
-               timeout=WAIT, interval=0.1, what=f"{seconds:g} s without a tick (/healthz)")
+    ctl.wait_quiet(periods * PERIOD + 0.1)
 
 
 def test_the_loop_ticks_on_its_timer(start):
