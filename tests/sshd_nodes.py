@@ -644,7 +644,7 @@ class Controller:
             raise AssertionError(f"{error}\n{self.tail()}") from None
 
 
-# A tick ends with its verdict: "✅ Converged" / "❌ Not converged: ..." (en) or
-# "✅ Convergé" / "❌ Non convergé : ..." (fr).
-VERDICT = re.compile(r"^(✅|❌) ")
+# A tick ends with its verdict: "✅ Converged" / "❌ Not converged: ..." / "⏳ Waiting: ..."
+# (en) or "✅ Convergé" / "❌ Non convergé : ..." / "⏳ En attente : ..." (fr).
+VERDICT = re.compile(r"^(✅|❌|⏳) ")
 TICK = re.compile(r"^TICK - \d\d:\d\d:\d\d")

@@ -1,12 +1,15 @@
 """The REST API through Flask's test client.
 
-Every test starts from a fresh controller (clean_controller): the desired state in
-a temporary file, no tick, nothing observed, a new loop timer. No node is contacted
-and no loop runs here: the real loop's timer, pause, step and resume are tested
-against the real process in test_loop_controls.py, and what the controller prints
-is kept by the fixture, never in pytest's output.
+Every test starts from a fresh controller: app_controller.py loaded anew as its own
+module (what an app factory gives a Flask test), with the desired state in a temporary
+file, no tick, nothing observed, a new loop timer. No node is contacted and no loop runs
+here: the real loop's timer, pause, step and resume are tested against the real process
+in test_loop_controls.py, and what the controller prints is kept by the fixture, never
+in pytest's output.
 """
 
+import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -17,45 +20,40 @@ from pathlib import Path
 
 import pytest
 
-import app_controller as c
+import machinery
+import app_controller as c  # replaced, for each test, by a fresh copy (fresh_controller)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sshd_nodes import wait_until  # noqa: E402
 
 REPO_ROOT = Path(c.__file__).resolve().parent
+_copies = itertools.count(1)
+
+
+def fresh_controller(monkeypatch, **settings):
+    """app_controller.py loaded anew, with these settings in its environment; it becomes `c`."""
+    for variable, value in settings.items():
+        monkeypatch.setenv(variable, value)
+    spec = importlib.util.spec_from_file_location(f"app_controller_{next(_copies)}", c.__file__)
+    controller = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(controller)
+    monkeypatch.setitem(globals(), "c", controller)  # every test below reads the fresh copy
+    return controller
 
 
 @pytest.fixture(autouse=True)
 def printed(tmp_path, monkeypatch):
-    """A fresh controller for every test; returns what it printed (kept out of pytest's output).
-
-    All of app_controller's module state is reset: the desired-state file, the token,
-    the loop timer, the tick counters and records, what was observed, the failed
-    actions, the SSH connections and their handshake counts."""
+    """A fresh controller for every test; returns what it printed (kept out of pytest's output)."""
     path = tmp_path / "desired_state.txt"
     path.write_text("# header\n")
-    now = time.monotonic()
-    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
-    monkeypatch.setattr(c, "API_TOKEN", None)
-    monkeypatch.setattr(c, "loop_timer", c.LoopTimer())
-    monkeypatch.setattr(c, "shutting_down", threading.Event())
-    monkeypatch.setattr(c, "tick_count", 0)
-    monkeypatch.setattr(c, "recent_ticks", c.deque(maxlen=c.recent_ticks.maxlen))
-    monkeypatch.setattr(c, "current_tick", None)
-    monkeypatch.setattr(c, "failed_ticks_in_a_row", 0)
-    monkeypatch.setattr(c, "last_tick_finished", now)
-    monkeypatch.setattr(c, "node_status", {node: c.unobserved_node() for node in c.NODES})
-    monkeypatch.setattr(c, "running_names", {node: set() for node in c.NODES})
-    monkeypatch.setattr(c, "last_action_errors", {})
-    monkeypatch.setattr(c, "last_answered", {node: now for node in c.NODES})
-    monkeypatch.setattr(c, "connections", {})
-    monkeypatch.setattr(c, "handshakes", {node: 0 for node in c.NODES})
+    monkeypatch.delenv("API_TOKEN", raising=False)
+    controller = fresh_controller(monkeypatch, DESIRED_STATE_FILE=str(path))
     lines = []
-    monkeypatch.setattr(c, "emit", lines.append)
+    monkeypatch.setattr(controller.log, "emit", lines.append)
     yield lines
-    c.shutting_down.set()  # a timer still waiting in a failed test's thread returns
-    with c.loop_timer.condition:
-        c.loop_timer.condition.notify_all()
+    controller.stopping.set()  # a timer still waiting in a failed test's thread returns
+    with controller.timer.condition:
+        controller.timer.condition.notify_all()
 
 
 @pytest.fixture
@@ -77,17 +75,16 @@ def what_the_loop_does_next(printed):
     result = []
     mark = len(printed)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(c, "TICK_SECONDS", 0)
-        patch.setattr(c, "shutting_down", threading.Event())
-        waiter = threading.Thread(target=lambda: result.append(c.loop_timer.wait_for_next_tick()),
+        patch.setattr(c.timer, "stopping", threading.Event())
+        waiter = threading.Thread(target=lambda: result.append(c.timer.sleep(0, "timer")),
                                   daemon=True)
         waiter.start()
-        wait_until(lambda: result or c.message("paused") in printed[mark:], timeout=5,
+        wait_until(lambda: result or c.log.message("paused") in printed[mark:], timeout=5,
                    what="the timer to choose a tick or to sleep paused")
         if not result:  # asleep until step or resume: wake it as a shutdown would
-            c.shutting_down.set()
-            with c.loop_timer.condition:
-                c.loop_timer.condition.notify_all()
+            c.timer.stopping.set()
+            with c.timer.condition:
+                c.timer.condition.notify_all()
         waiter.join(timeout=5)
     assert not waiter.is_alive()
     return "paused" if result == [None] else result[0]
@@ -96,7 +93,7 @@ def what_the_loop_does_next(printed):
 def observe(answers):
     """Remember what step 1 would have seen: {node: [names] or the exception it raised}."""
     observed = {node: answer for node, answer in answers.items() if not isinstance(answer, Exception)}
-    c.remember_observation(c.Observation(observed, [], {}, c.node_conditions(answers, {})))
+    c.status.remember(c.Observation(observed, [], {}, c.node_conditions(answers, {})))
 
 
 def post(client, body, **kwargs):
@@ -239,7 +236,7 @@ def test_every_error_is_json(client, method, url, status):
 
 
 def test_nodes_show_their_condition_and_what_runs(client):
-    observe({"node-1": ["nginx"], "node-2": c.NodeError("sed: not found"),
+    observe({"node-1": ["nginx"], "node-2": machinery.NodeError("sed: not found"),
              "node-3": ConnectionRefusedError("refused")})
     nodes = {node["name"]: node for node in client.get("/api/nodes").get_json()}
     assert nodes["node-1"]["up"] and nodes["node-1"]["containers"] == ["nginx"]
@@ -256,7 +253,7 @@ def test_what_the_api_keeps_of_a_flooded_node_is_bounded(client, desired_file):
     observe({"node-1": flood, "node-2": [], "node-3": []})
     nodes = {node["name"]: node for node in client.get("/api/nodes").get_json()}
     assert nodes["node-1"]["container_count"] == len(flood)
-    assert len(nodes["node-1"]["containers"]) == c.LIST_LIMIT
+    assert len(nodes["node-1"]["containers"]) == machinery.LIST_LIMIT
     assert client.get("/api/containers/nginx").get_json()["status"] == "running"
     state = client.get("/api/state")
     assert len(state.data) < 200_000
@@ -270,26 +267,26 @@ def stall(seconds_ago):
 
 def test_healthz_is_200_while_the_loop_ticks_and_503_when_it_stalls(client, monkeypatch):
     patience = 2 * (c.TICK_SECONDS + c.SSH_TIMEOUT + 1)
-    monkeypatch.setattr(c, "last_tick_finished", stall(0))
+    monkeypatch.setattr(c.log, "last_tick_finished", stall(0))
     assert client.get("/healthz").status_code == 200
-    monkeypatch.setattr(c, "last_tick_finished", stall(patience - 1))
+    monkeypatch.setattr(c.log, "last_tick_finished", stall(patience - 1))
     assert client.get("/healthz").status_code == 200, "a tick slowed by a hung node is not a stall"
-    monkeypatch.setattr(c, "last_tick_finished", stall(patience + 1))
+    monkeypatch.setattr(c.log, "last_tick_finished", stall(patience + 1))
     response = client.get("/healthz")
     assert response.status_code == 503 and response.get_json()["status"] == "stalled"
 
 
 def test_healthz_is_503_when_the_last_ticks_all_failed(client, monkeypatch):
-    monkeypatch.setattr(c, "last_tick_finished", stall(0))
-    monkeypatch.setattr(c, "failed_ticks_in_a_row", 2)
+    monkeypatch.setattr(c.log, "last_tick_finished", stall(0))
+    monkeypatch.setattr(c.log, "failed_ticks_in_a_row", 2)
     assert client.get("/healthz").status_code == 200, "one or two failures may be bad luck"
-    monkeypatch.setattr(c, "failed_ticks_in_a_row", 3)
+    monkeypatch.setattr(c.log, "failed_ticks_in_a_row", 3)
     response = client.get("/healthz")
     assert response.status_code == 503 and response.get_json()["status"] == "failing"
 
 
 def test_healthz_is_200_while_paused_on_purpose(client, monkeypatch):
-    monkeypatch.setattr(c, "last_tick_finished", stall(1000))
+    monkeypatch.setattr(c.log, "last_tick_finished", stall(1000))
     assert client.get("/healthz").status_code == 503, "unpaused, that silence is a stall"
     assert client.post("/api/loop/pause").status_code == 200
     response = client.get("/healthz")
@@ -303,13 +300,13 @@ def test_the_timer_ticks_on_time_when_the_clock_is_set_back(monkeypatch):
         calls.append(1)
         return real_time() - 3600 * len(calls)
 
-    monkeypatch.setattr(c, "TICK_SECONDS", 0.2)
-    timer, result = c.LoopTimer(), []
-    monkeypatch.setattr(c.time, "time", clock_going_backwards)
-    thread = threading.Thread(target=lambda: result.append(timer.wait_for_next_tick()), daemon=True)
+    stopping, result = threading.Event(), []
+    timer = machinery.LoopTimer(stopping, c.log)
+    monkeypatch.setattr(time, "time", clock_going_backwards)
+    thread = threading.Thread(target=lambda: result.append(timer.sleep(0.2, "timer")), daemon=True)
     thread.start()
     thread.join(timeout=5)
-    c.shutting_down.set()
+    stopping.set()
     with timer.condition:
         timer.condition.notify_all()
     assert result == ["timer"]
@@ -339,16 +336,17 @@ WRITES = [
 
 
 @pytest.fixture
-def locked(client, desired_file, monkeypatch):
+def locked(desired_file, printed, monkeypatch):
     """The test client against a controller started with API_TOKEN set; redis is declared."""
-    monkeypatch.setattr(c, "API_TOKEN", TOKEN)
+    fresh = fresh_controller(monkeypatch, API_TOKEN=TOKEN, DESIRED_STATE_FILE=str(desired_file))
+    monkeypatch.setattr(fresh.log, "emit", printed.append)
     desired_file.write_text(DECLARED)
-    return client
+    return fresh.api.test_client()
 
 
 def what_a_write_can_change(desired_file, printed):
     """The declared state and the loop's controls: a refused write leaves all of it as it was."""
-    return (desired_file.read_text(), c.loop_timer.status()["paused"],
+    return (desired_file.read_text(), c.timer.status()["paused"],
             what_the_loop_does_next(printed))
 
 
@@ -377,7 +375,7 @@ def test_a_write_without_a_token_is_a_401_and_changes_nothing(locked, desired_fi
                                                                path, body, allowed_status, paused,
                                                                effect):
     if paused:
-        c.loop_timer.pause()
+        c.timer.pause()
     before = what_a_write_can_change(desired_file, printed)
     assert before == unchanged(paused)
     response = send(locked, method, path, body)
@@ -393,7 +391,7 @@ def test_a_write_with_a_wrong_token_is_a_401_and_changes_nothing(locked, desired
                                                                  path, body, allowed_status, paused,
                                                                  effect, authorization):
     if paused:
-        c.loop_timer.pause()
+        c.timer.pause()
     before = what_a_write_can_change(desired_file, printed)
     assert before == unchanged(paused)
     assert_refused(send(locked, method, path, body, authorization), before, desired_file, printed)
@@ -403,7 +401,7 @@ def test_a_write_with_a_wrong_token_is_a_401_and_changes_nothing(locked, desired
 def test_a_write_with_the_right_token_is_done(locked, desired_file, printed, method, path, body,
                                               allowed_status, paused, effect):
     if paused:
-        c.loop_timer.pause()
+        c.timer.pause()
     response = send(locked, method, path, body, f"Bearer {TOKEN}")
     assert response.status_code == allowed_status, response.get_json()
     assert what_a_write_can_change(desired_file, printed) == effect
@@ -415,7 +413,7 @@ def test_without_api_token_every_write_is_open_to_all(client, desired_file, prin
     # API_TOKEN unset (the fixture's default, as in every demo of the README).
     desired_file.write_text(DECLARED)
     if paused:
-        c.loop_timer.pause()
+        c.timer.pause()
     response = send(client, method, path, body)
     assert response.status_code == allowed_status, response.get_json()
     assert what_a_write_can_change(desired_file, printed) == effect
@@ -445,15 +443,15 @@ def test_any_other_write_method_needs_the_token_too(locked):
 @pytest.mark.parametrize("url", ["/api/containers", "/api/containers/redis", "/api/nodes",
                                  "/api/loop", "/api/state", "/healthz", "/"])
 def test_reading_stays_open_with_a_token_set(locked, monkeypatch, url):
-    monkeypatch.setattr(c, "last_tick_finished", stall(0))  # /healthz: a loop that ticks
+    monkeypatch.setattr(c.log, "last_tick_finished", stall(0))  # /healthz: a loop that ticks
     assert locked.get(url).status_code == 200
     assert locked.head(url).status_code == 200
 
 
 def test_state_says_whether_writes_need_a_token_without_showing_it(client, monkeypatch):
     assert client.get("/api/state").get_json()["token_required"] is False
-    monkeypatch.setattr(c, "API_TOKEN", TOKEN)
-    response = client.get("/api/state")
+    fresh = fresh_controller(monkeypatch, API_TOKEN=TOKEN)
+    response = fresh.api.test_client().get("/api/state")
     assert response.get_json()["token_required"] is True
     assert TOKEN not in response.get_data(as_text=True)
 
@@ -486,7 +484,7 @@ def test_by_default_there_is_no_token_and_the_api_listens_on_loopback_only():
 
 def test_concurrent_posts_and_the_loops_writes_lose_no_update(desired_file):
     """Four API clients declare 60 containers while the loop assigns 30 others, one
-    save_assignments() at a time, as step 4 does: every change is in the file."""
+    placement at a time, as step 4 does: every change is in the file."""
     old = [f"old{i}" for i in range(30)]
     desired_file.write_text("# header\n" + "".join(f"{name}\n" for name in old))
     new = [f"app{i}" for i in range(60)]
@@ -500,8 +498,8 @@ def test_concurrent_posts_and_the_loops_writes_lose_no_update(desired_file):
 
     def assign():
         start.wait()
-        for name in old:
-            c.save_assignments({name: None}, {name: "node-1"})
+        for name in old:  # as step 4 does: place a container that has no node
+            c.desired_file.update(c.apply_decisions, [], [(name, "node-1", {"node-1": 0})])
 
     threads = [threading.Thread(target=declare, args=(new[k::4],)) for k in range(4)]
     threads.append(threading.Thread(target=assign))

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 import app_controller as c
+import machinery as m
 
 NODES = ["node-1", "node-2", "node-3"]
 
@@ -30,17 +31,17 @@ node_lists = st.lists(st.sampled_from(["node-1", "node-2", "node-3", "node-4", "
 
 @pytest.mark.parametrize("name", ["nginx", "a", "app-1", "0", "a" * 63, "x9-y"])
 def test_dns_labels_are_valid_names(name):
-    assert c.is_valid_name(name)
+    assert m.is_valid_name(name)
 
 
 @pytest.mark.parametrize("name", ["", "Nginx", "-a", "a-", "a" * 64, "a b", "a;rm -rf /",
                                   "$(reboot)", "ngin_x", "café", "a\n", "a.b", None, 3])
 def test_everything_else_is_not_a_valid_name(name):
-    assert not c.is_valid_name(name)
+    assert not m.is_valid_name(name)
 
 
 def test_nodes_can_point_at_other_addresses():
-    assert c.parse_nodes("node-1, node-2=127.0.0.1:2202,node-3=10.0.0.3", 22) == {
+    assert m.parse_nodes("node-1, node-2=127.0.0.1:2202,node-3=10.0.0.3", 22) == {
         "node-1": ("node-1", 22), "node-2": ("127.0.0.1", 2202), "node-3": ("10.0.0.3", 22)}
 
 
@@ -50,7 +51,7 @@ def test_nodes_can_point_at_other_addresses():
     (" node-1 = host : 2202 ", {"node-1": ("host", 2202)}),
 ])
 def test_nodes_accept_ipv6_in_brackets_and_spaces(spec, expected):
-    assert c.parse_nodes(spec, 22) == expected
+    assert m.parse_nodes(spec, 22) == expected
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_render_changes_only_the_lines_it_must():
     desired["redis"] = None           # cleaned up
     del desired["mysql"]              # deleted
     desired["api"] = None             # added
-    assert c.render_desired_state(HAND_EDITED, desired) == """\
+    assert m.render_desired_state(HAND_EDITED, desired) == """\
 # my cluster
 nginx:node-1
 redis  # the cache
@@ -136,19 +137,19 @@ api
 
 def test_render_of_an_unchanged_state_is_the_same_text():
     desired, _ = c.parse_desired_state(HAND_EDITED)
-    assert c.render_desired_state(HAND_EDITED, desired) == HAND_EDITED
+    assert m.render_desired_state(HAND_EDITED, desired) == HAND_EDITED
 
 
 def test_deleting_a_container_also_drops_its_duplicate_lines():
     text = "app1\napp1:node-2\n"
-    assert c.render_desired_state(text, {}) == ""
+    assert m.render_desired_state(text, {}) == ""
 
 
 @given(st.dictionaries(names, st.sampled_from([None] + NODES)),
        st.dictionaries(names, st.sampled_from([None] + NODES)))
 def test_what_is_rendered_parses_back_to_the_same_state(before, after):
-    text = c.render_desired_state("# header\n\nNot Valid\n", before)
-    rewritten = c.render_desired_state(text, after)
+    text = m.render_desired_state("# header\n\nNot Valid\n", before)
+    rewritten = m.render_desired_state(text, after)
     assert c.parse_desired_state(rewritten)[0] == after
     assert rewritten.startswith("# header\n\nNot Valid\n")
 
@@ -168,15 +169,14 @@ def test_a_windows_file_keeps_its_crlf_and_bom_when_rewritten():
     assert desired == {"nginx": None, "redis": "node-2"} and problems == []
     desired["nginx"] = "node-1"
     desired["web"] = None
-    assert c.render_desired_state(text, desired) == (
+    assert m.render_desired_state(text, desired) == (
         "\ufeff# class\r\nnginx:node-1\r\nredis:node-2\r\nweb\r\n")
 
 
 def test_the_file_is_read_with_its_line_endings(tmp_path, monkeypatch):
     path = tmp_path / "desired_state.txt"
     path.write_bytes(b"nginx\r\nredis\r\n")
-    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
-    c.update_desired_state(lambda desired: desired.update(web=None))
+    m.DesiredStateFile(str(path), c.parse_desired_state).update(lambda desired: desired.update(web=None))
     assert path.read_bytes() == b"nginx\r\nredis\r\nweb\r\n"
 
 
@@ -186,8 +186,7 @@ def test_a_hand_edit_saved_while_the_loop_writes_is_never_lost(tmp_path, monkeyp
     the controller must see the file changed and start again from the teacher's text."""
     path = tmp_path / "desired_state.txt"
     path.write_text("app1\n")
-    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
-    real_render, edits = c.render_desired_state, []
+    real_render, edits = m.render_desired_state, []
 
     def render_while_the_teacher_saves(text, desired):
         if not edits:  # once: `echo web >> desired_state.txt` at the worst moment
@@ -196,9 +195,9 @@ def test_a_hand_edit_saved_while_the_loop_writes_is_never_lost(tmp_path, monkeyp
             edits.append("web")
         return real_render(text, desired)
 
-    monkeypatch.setattr(c, "render_desired_state", render_while_the_teacher_saves)
-    declared = c.parse_desired_state(path.read_text())[0]
-    now = c.save_assignments(declared, {"app1": "node-1"})
+    monkeypatch.setattr(m, "render_desired_state", render_while_the_teacher_saves)
+    desired_file = m.DesiredStateFile(str(path), c.parse_desired_state)
+    now = desired_file.update(c.apply_decisions, [], [("app1", "node-1", {"node-1": 0})])
     assert edits == ["web"]
     assert path.read_text() == "app1:node-1\nweb\n", "the hand edit and the assignment both kept"
     assert now == {"app1": "node-1", "web": None}
@@ -207,17 +206,16 @@ def test_a_hand_edit_saved_while_the_loop_writes_is_never_lost(tmp_path, monkeyp
 def test_a_file_that_never_stops_changing_is_left_alone(tmp_path, monkeypatch):
     path = tmp_path / "desired_state.txt"
     path.write_text("app1\n")
-    monkeypatch.setattr(c, "DESIRED_STATE_FILE", str(path))
-    real_render = c.render_desired_state
+    real_render = m.render_desired_state
 
     def render_while_someone_keeps_saving(text, desired):
         with open(path, "a") as file:
             file.write("# another save\n")
         return real_render(text, desired)
 
-    monkeypatch.setattr(c, "render_desired_state", render_while_someone_keeps_saving)
-    with pytest.raises(c.EditedMeanwhile):
-        c.update_desired_state(lambda desired: desired.update(app2=None))
+    monkeypatch.setattr(m, "render_desired_state", render_while_someone_keeps_saving)
+    with pytest.raises(m.EditedMeanwhile):
+        m.DesiredStateFile(str(path), c.parse_desired_state).update(lambda desired: desired.update(app2=None))
     assert "app2" not in path.read_text() and path.read_text().startswith("app1\n")
     assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"], "no temporary file left"
 
@@ -228,11 +226,11 @@ def test_a_rewrite_keeps_the_files_owner_and_mode(tmp_path):
     path.write_text("nginx\n")
     os.chown(path, 1234, 1234)
     os.chmod(path, 0o664)
-    c.write_atomically(str(path), "nginx:node-1\n")
+    m.write_atomically(str(path), "nginx:node-1\n")
     info = os.stat(path)
     assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (1234, 1234, 0o664)
     os.chown(tmp_path, 4321, 4321)
-    c.write_atomically(str(tmp_path / "new.txt"), "web\n")
+    m.write_atomically(str(tmp_path / "new.txt"), "web\n")
     assert os.stat(tmp_path / "new.txt").st_uid == 4321, "a new file belongs to the directory's owner"
 
 
@@ -248,7 +246,7 @@ def test_a_reader_never_sees_a_half_written_file(tmp_path):
     def writer():
         try:
             for k in range(30):
-                c.write_atomically(str(path), versions[k % 2])
+                m.write_atomically(str(path), versions[k % 2])
         finally:
             written.set()
 
@@ -270,13 +268,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     path = tmp_path / "desired_state.txt"
     path.write_text("old\n")
     with pytest.raises(UnicodeEncodeError):  # fails half-way through writing the new text
-        c.write_atomically(str(path), "new\n" * 10_000 + "\udc80\n")
+        m.write_atomically(str(path), "new\n" * 10_000 + "\udc80\n")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"]
     blocked = tmp_path / "blocked"
     (blocked / "inside").mkdir(parents=True)  # a directory where the file should be
     with pytest.raises(OSError):  # fails at the rename, once the temp file is complete
-        c.write_atomically(str(blocked), "new\n")
+        m.write_atomically(str(blocked), "new\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "desired_state.txt"]
     assert [p.name for p in blocked.iterdir()] == ["inside"]
 
@@ -410,7 +408,7 @@ def test_a_node_that_answers_is_ready():
 
 
 def test_a_node_whose_command_fails_is_not_ready_with_the_reason():
-    answers = {"node-1": c.NodeError("/app/nodes/node-1_running.txt: not a regular file")}
+    answers = {"node-1": m.NodeError("/app/nodes/node-1_running.txt: not a regular file")}
     assert c.node_conditions(answers, {}) == {
         "node-1": ("NotReady", "/app/nodes/node-1_running.txt: not a regular file")}
 
@@ -441,29 +439,29 @@ def test_a_node_whose_last_actions_failed_is_not_ready_until_they_work():
     (EOFError(), "connection lost"),
 ])
 def test_errors_are_told_in_words_for_people(error, reason):
-    assert c.describe(error).startswith(reason)
+    assert c.log.describe(error).startswith(reason)
 
 
 def test_english_plurals_are_right():
-    assert c.count_of(1, "container") == "1 container"
-    assert c.count_of(2, "node") == "2 nodes"
-    assert c.count_of(199990, "number") == "199,990"
+    assert c.log.count(1, "container") == "1 container"
+    assert c.log.count(2, "node") == "2 nodes"
+    assert c.log.count(199990, "number") == "199,990"
 
 
-def test_french_keeps_the_seeds_wording(monkeypatch):
-    monkeypatch.setattr(c, "LOG_LANG", "fr")
-    assert c.message("running_count", containers=c.count_of(1, "container"),
-                     nodes=c.count_of(3, "node")) == "   → 1 containers tournent sur 3 noeuds"
+def test_french_keeps_the_seeds_wording():
+    french = m.TickLog("fr")
+    assert french.message("running_count", containers=french.count(1, "container"),
+                          nodes=french.count(3, "node")) == "   → 1 containers tournent sur 3 noeuds"
 
 
 def test_a_long_list_is_cut_in_the_log():
     names = [f"intruder{i}" for i in range(200_000)]
-    line = c.listing(names)
+    line = c.log.listing(names)
     assert line.endswith("… and 199,980 more") and len(line) < 400
 
 
 def test_a_huge_garbage_line_is_cut_in_the_log():
-    assert len(c.shown("\x00" * 1_000_000)) < 300
+    assert len(m.shown("\x00" * 1_000_000)) < 300
 
 
 # --- the node commands, run by real shells on real files ---------------------------------
@@ -503,13 +501,11 @@ def converge(node_shell, directory, content, wanted):
     path = directory / "node-1_running.txt"
     if content is not None:
         path.write_bytes(content.encode() if isinstance(content, str) else content)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(c, "NODE_STATE_DIR", str(directory))
-        output = run_on(node_shell, c.observe_command("node-1")).stdout
-        running, _ = c.parse_running_file(output)
-        to_start, to_stop, to_keep = c.diff_node(running, wanted)
-        command = c.act_command("node-1", to_keep, to_start)
-        run_on(node_shell, command)
+    output = run_on(node_shell, m.observe_command(str(directory), "node-1")).stdout
+    running, _ = m.parse_running_file(output)
+    to_start, to_stop, to_keep = c.diff_node(running, wanted)
+    command = m.act_command(str(directory), "node-1", to_keep, to_start)
+    run_on(node_shell, command)
     return path.read_bytes().decode(), command
 
 
@@ -556,10 +552,9 @@ def test_pranks_in_a_node_file_are_healed(node_shell, tmp_path, prank):
 
 def test_the_controller_reads_at_most_one_mebibyte_of_a_node_file(node_shell, tmp_path, monkeypatch):
     (tmp_path / "node-1_running.txt").write_bytes(b"intruder\n" * 2_000_000)  # 18 MB
-    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
-    output = run_on(node_shell, c.observe_command("node-1")).stdout
-    assert len(output) == c.MAX_READ_BYTES + 1
-    names, truncated = c.parse_running_file(output)
+    output = run_on(node_shell, m.observe_command(str(tmp_path), "node-1")).stdout
+    assert len(output) == m.MAX_READ_BYTES + 1
+    names, truncated = m.parse_running_file(output)
     assert truncated and set(names[:-1]) == {"intruder"}
     assert "intruder".startswith(names[-1]), "the line cut at 1 MiB is kept, as garbage"
 
@@ -575,8 +570,7 @@ def test_what_lies_past_the_first_mebibyte_is_removed_too(node_shell, tmp_path):
 
 def test_a_directory_instead_of_the_file_is_a_reason_not_a_silence(node_shell, tmp_path, monkeypatch):
     (tmp_path / "node-1_running.txt").mkdir()
-    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
-    result = run_on(node_shell, c.observe_command("node-1"), check=False)
+    result = run_on(node_shell, m.observe_command(str(tmp_path), "node-1"), check=False)
     assert result.returncode != 0
     assert b"not a regular file" in result.stderr
 
@@ -586,17 +580,16 @@ def test_a_node_without_sed_says_so(tmp_path, monkeypatch):
     bin_dir.mkdir()
     for tool in ["head"]:
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
-    result = subprocess.run(["/bin/sh", "-c", c.observe_command("node-1")],
+    result = subprocess.run(["/bin/sh", "-c", m.observe_command(str(tmp_path), "node-1")],
                             env={"PATH": str(bin_dir)}, capture_output=True)
     assert result.returncode != 0 and b"sed: not found" in result.stderr
 
 
 def test_an_unvalidated_name_is_never_started():
     with pytest.raises(ValueError):
-        c.act_command("node-1", [], ["x; reboot"])
+        m.act_command("/app/nodes", "node-1", [], ["x; reboot"])
     with pytest.raises(ValueError):
-        c.act_command("node-1", ["x|.*"], [])
+        m.act_command("/app/nodes", "node-1", ["x|.*"], [])
 
 
 @settings(max_examples=25, deadline=None)
@@ -693,7 +686,8 @@ FAKE_CLOCK = [tenths / 10 for tenths in range(0, 201)]  # 0.0 .. 20.0 s
 def first_trigger(deadline=5.0, paused=False, steps_requested=0, woken=False, check_soon=False):
     """(when, why) of the first tick next_trigger() allows on the fake clock, or None."""
     for now in FAKE_CLOCK:
-        trigger = c.next_trigger(now, deadline, paused, steps_requested, woken, check_soon)
+        trigger = m.next_trigger(now, deadline, paused, steps_requested, woken,
+                                 due="requeue" if check_soon else "timer")
         if trigger:
             return now, trigger
     return None
@@ -705,6 +699,15 @@ def test_the_timer_ticks_at_its_deadline_and_not_before():
 
 def test_after_a_tick_that_acted_the_deadline_brings_a_requeue():
     assert first_trigger(deadline=0.3, check_soon=True) == (0.3, "requeue")
+
+
+def test_the_requeue_rule_checks_a_tick_that_acted_once_and_only_once():
+    assert c.when_to_tick_again(acted=True, reason="timer") == (c.REQUEUE_SECONDS, "requeue")
+    assert c.when_to_tick_again(acted=True, reason="wake") == (c.REQUEUE_SECONDS, "requeue")
+    assert c.when_to_tick_again(acted=True, reason="requeue") == (c.TICK_SECONDS, "timer"), \
+        "a check that acted again does not requeue: a node that keeps changing cannot make the loop spin"
+    assert c.when_to_tick_again(acted=False, reason="requeue") == (c.TICK_SECONDS, "timer")
+    assert c.when_to_tick_again(acted=False, reason="start") == (c.TICK_SECONDS, "timer")
 
 
 def test_a_wake_up_ticks_at_once():
@@ -726,9 +729,10 @@ def test_the_probe_action_on_a_not_ready_node_keeps_what_it_runs(tmp_path, monke
     """Found in review: a NotReady node with nothing to do still gets an action (to see
     whether it works again). That action must keep the node's lines, not wipe them."""
     (tmp_path / "node-1_running.txt").write_text("web\n")
-    monkeypatch.setattr(c, "NODE_STATE_DIR", str(tmp_path))
-    monkeypatch.setattr(c, "last_action_errors", {"node-1": "sed: disk full"})
-    monkeypatch.setattr(c, "emit", lambda text: None)
+    nodes = m.Nodes({"node-1": ("127.0.0.1", 22)}, str(tmp_path), "root", None, 3.0, threading.Event())
+    monkeypatch.setattr(c, "nodes", nodes)
+    monkeypatch.setattr(c.log, "emit", lambda text: None)
+    failing = {"node-1": "sed: disk full"}
     sent = {}
 
     def run_with_a_real_shell(commands):  # what SSH would do on the node
@@ -736,9 +740,16 @@ def test_the_probe_action_on_a_not_ready_node_keeps_what_it_runs(tmp_path, monke
         return {node: subprocess.run(["sh", "-c", command], check=True).stdout or b""
                 for node, command in commands.items()}
 
-    monkeypatch.setattr(c, "on_every_node", run_with_a_real_shell)
-    failed_nodes, acted = c.reconcile({"node-1": ["web"]}, {"web": "node-1"})
+    monkeypatch.setattr(nodes, "on_every_node", run_with_a_real_shell)
+    observed = c.Observation({"node-1": ["web"]}, [], {}, {"node-1": ("NotReady", "its last actions failed")})
+    acted, results = c.reconcile(observed, {"web": "node-1"}, failing)
     assert list(sent) == ["node-1"], "the NotReady node was given its probe action"
-    assert (failed_nodes, acted) == ({}, False)
+    assert (results, acted) == ({"node-1": None}, False)
     assert (tmp_path / "node-1_running.txt").read_text() == "web\n"
-    assert c.last_action_errors == {}, "the action worked: the node is Ready again"
+    assert c.still_failing(failing, results) == {}, "the action worked: the node is Ready again"
+
+
+def test_a_node_whose_action_fails_there_stays_not_ready_and_a_silence_changes_nothing():
+    failing = {"node-2": "sed: disk full"}
+    results = {"node-1": m.NodeError("sed: disk full"), "node-2": TimeoutError(), "node-3": None}
+    assert c.still_failing(failing, results) == {"node-1": "sed: disk full", "node-2": "sed: disk full"}

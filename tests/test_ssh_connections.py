@@ -8,7 +8,8 @@ to install its own connection and close the fresh one in the middle of a command
 so a healthy node looked down and its containers moved.
 
 Here the node is a real sshd behind a TCP proxy that delays everything the node
-sends on the first connection; the test calls the controller's own SSH functions.
+sends on the first connection; the test calls the controller's own SSH machinery
+(machinery.Nodes).
 """
 
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import app_controller as c  # noqa: E402
+import machinery  # noqa: E402
 from sshd_nodes import SSHD, SshdCluster, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -92,21 +93,15 @@ class SlowProxy:
 
 
 @pytest.fixture
-def slow_node(tmp_path, monkeypatch):
-    """node-1, a real sshd, reached through a SlowProxy; the controller's SSH state is fresh."""
+def slow_node(tmp_path):
+    """(the proxy, the controller's Nodes): node-1, a real sshd, reached through a SlowProxy."""
     cluster = SshdCluster(1, base_dir=tmp_path / "cluster", keys_dir=tmp_path / "keys").start()
     timeout = 4.0
     proxy = SlowProxy(cluster["node-1"].port, delay=0.4 * timeout)
-    monkeypatch.setattr(c, "NODES", {"node-1": ("127.0.0.1", proxy.port)})
-    monkeypatch.setattr(c, "SSH_USER", cluster.user)
-    monkeypatch.setattr(c, "SSH_KEY_FILE", str(cluster.client_key))
-    monkeypatch.setattr(c, "SSH_TIMEOUT", timeout)
-    monkeypatch.setattr(c, "connections", {})
-    monkeypatch.setattr(c, "handshakes", {"node-1": 0})
-    monkeypatch.setattr(c, "shutting_down", threading.Event())
-    yield proxy
-    for client in list(c.connections.values()):
-        client.close()
+    nodes = machinery.Nodes({"node-1": ("127.0.0.1", proxy.port)}, str(cluster.state_dir),
+                            cluster.user, str(cluster.client_key), timeout, threading.Event())
+    yield proxy, nodes
+    nodes.close_all()
     proxy.close()
     cluster.close()
 
@@ -117,28 +112,28 @@ def is_open(client):
 
 
 def test_a_late_worker_never_closes_the_connection_of_the_next_tick(slow_node):
-    proxy = slow_node
+    proxy, nodes = slow_node
     proxy.slow_next = 1
     started = time.monotonic()
-    first = c.on_every_node({"node-1": "echo first"})
+    first = nodes.on_every_node({"node-1": "echo first"})
     gave_up_after = time.monotonic() - started
     assert isinstance(first["node-1"], TimeoutError), first
-    assert gave_up_after < c.SSH_TIMEOUT + 1.5
-    assert c.handshakes["node-1"] == 0, "the slow handshake was still going on when the tick gave up"
+    assert gave_up_after < nodes.timeout + 1.5
+    assert nodes.handshakes["node-1"] == 0, "the slow handshake was still going on when the tick gave up"
 
     # The next tick: a fresh, fast connection.
-    second = c.on_every_node({"node-1": "echo second"})
+    second = nodes.on_every_node({"node-1": "echo second"})
     assert second == {"node-1": b"second\n"}
-    fresh = c.connections["node-1"]
+    fresh = nodes.connections["node-1"]
 
     # The late worker finishes its handshake (every stage within SSH_TIMEOUT) ...
-    wait_until(lambda: c.handshakes["node-1"] == 2, 3 * c.SSH_TIMEOUT, what="the slow handshake to finish")
+    wait_until(lambda: nodes.handshakes["node-1"] == 2, 3 * nodes.timeout, what="the slow handshake to finish")
     # ... and then either closes its own connection (right) or the fresh one (the old bug).
     wait_until(lambda: proxy.closed_by_client[0].is_set() or not is_open(fresh),
-               2 * c.SSH_TIMEOUT, what="the late worker to act")
+               2 * nodes.timeout, what="the late worker to act")
     assert is_open(fresh), "the late worker closed the next tick's connection"
-    assert c.connections["node-1"] is fresh
+    assert nodes.connections["node-1"] is fresh
     assert proxy.closed_by_client[0].is_set(), "the late worker closed its own connection"
-    third = c.on_every_node({"node-1": "echo third"})
-    assert third == {"node-1": b"third\n"} and c.connections["node-1"] is fresh, \
+    third = nodes.on_every_node({"node-1": "echo third"})
+    assert third == {"node-1": b"third\n"} and nodes.connections["node-1"] is fresh, \
         "the node is used over the same connection: it never looked down"

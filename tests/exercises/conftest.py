@@ -14,4 +14,4 @@ def controller_with(tmp_path):
 def setting_errors(tmp_path):
     """setting_errors(SCHEDULER_SCORING="Random") -> the lines the controller would print at start."""
     return lambda **settings: load_controller(tmp_path, refuse_bad_settings=False,
-                                              **settings).configuration_errors
+                                              **settings).settings.errors

@@ -1,15 +1,16 @@
 """What the exercises' checks share: a fresh copy of the controller, a fake cluster, advice.
 
 A check loads app_controller.py (or the file in PULL_MODE_CONTROLLER: CI points it at a
-copy with the reference solution applied) as a new module, with its own settings, so each
-check sees the controller exactly as a student left it. The fake cluster answers the
-controller's SSH calls from memory: a real tick, its real log, no network, a few
-milliseconds."""
+copy with the reference solution applied), and the machinery.py beside it, as new
+modules, with their own settings, so each check sees the controller exactly as a student
+left it. The fake cluster answers the controller's calls to its nodes from memory: a
+real tick, its real log, no network, a few milliseconds."""
 import contextlib
 import importlib.util
 import io
 import itertools
 import os
+import sys
 
 import pytest
 
@@ -29,6 +30,9 @@ def load_controller(directory, refuse_bad_settings=True, **settings):
            "DESIRED_STATE_FILE": os.path.join(str(directory), "desired_state.txt"), **settings}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
+    # The controller imports the machinery.py of its own directory (a solution may change it).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(CONTROLLER)))
+    sys.modules.pop("machinery", None)
     problem = None
     try:
         spec = importlib.util.spec_from_file_location(f"app_controller_{next(_loaded)}", CONTROLLER)
@@ -45,6 +49,7 @@ def load_controller(directory, refuse_bad_settings=True, **settings):
         problem = (f"{CONTROLLER} does not load: {type(error).__name__}: {error}\n"
                    "(run `python app_controller.py` to see where)")
     finally:
+        sys.path.pop(0)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -52,13 +57,13 @@ def load_controller(directory, refuse_bad_settings=True, **settings):
                 os.environ[name] = value
     if problem:  # out of the except block, so pytest shows no chained traceback
         advise(problem)
-    if refuse_bad_settings and module.configuration_errors:
-        advise("the controller refuses its settings: " + "; ".join(module.configuration_errors))
+    if refuse_bad_settings and module.settings.errors:
+        advise("the controller refuses its settings: " + "; ".join(module.settings.errors))
     return module
 
 
 class FakeCluster:
-    """Nodes that live in memory: the controller's SSH calls read and change `files`.
+    """Nodes that live in memory, in place of the controller's `nodes` (machinery.Nodes).
 
     files: {node: [names, one per line of its <node>_running.txt]}; a node in `down`
     does not answer, as a stopped container does not."""
@@ -67,23 +72,23 @@ class FakeCluster:
         self.controller = controller
         self.files = {node: list((running or {}).get(node, [])) for node in controller.NODES}
         self.down = set()
-        # The controller builds shell commands, then runs them on every node: we
-        # replace both, so a command is plain data we can carry out here.
-        controller.observe_command = lambda node: ("observe", node)
-        controller.act_command = lambda node, keep, to_start: ("act", node, list(keep), list(to_start))
-        controller.on_every_node = self.on_every_node
+        controller.nodes = self
 
-    def on_every_node(self, commands):
+    def read_running_files(self):
+        """What Nodes.read_running_files() answers: {node: (names, truncated) or the error}."""
+        return {node: TimeoutError() if node in self.down else (list(self.files[node]), False)
+                for node in self.files}
+
+    def keep_and_start(self, plans):
+        """What Nodes.keep_and_start() does: keep the lines listed in keep (as sed does),
+        then append what starts; {node: None, or the error}."""
         results = {}
-        for node, command in commands.items():
+        for node, (keep, to_start) in plans.items():
             if node in self.down:
                 results[node] = TimeoutError()
-            elif command[0] == "observe":
-                results[node] = "".join(name + "\n" for name in self.files[node]).encode()
-            else:  # act: keep the lines listed in keep (as sed does), append what starts
-                _, _, keep, to_start = command
-                self.files[node] = [name for name in self.files[node] if name in keep] + to_start
-                results[node] = b""
+                continue
+            self.files[node] = [name for name in self.files[node] if name in keep] + list(to_start)
+            results[node] = None
         return results
 
     def declare(self, text):
@@ -99,5 +104,5 @@ class FakeCluster:
         """One real tick of the controller; returns its log."""
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            self.controller.run_tick("timer")
+            self.controller.run_tick("timer", {})
         return log.getvalue()

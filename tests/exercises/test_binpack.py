@@ -40,5 +40,6 @@ def test_a_wrong_scoring_is_refused(setting_errors):
     errors = setting_errors(SCHEDULER_SCORING="Random")
     if not any("SCHEDULER_SCORING" in error for error in errors):
         advise("SCHEDULER_SCORING=Random must be refused at start, like every bad setting "
-               "(exit status 2, a line naming SCHEDULER_SCORING): read it with setting(), "
-               "with is_ok=lambda value: value in (\"LeastAllocated\", \"MostAllocated\").")
+               "(exit status 2, a line naming SCHEDULER_SCORING): read it with "
+               "settings.choice(\"SCHEDULER_SCORING\", \"LeastAllocated\", "
+               "[\"LeastAllocated\", \"MostAllocated\"]).")

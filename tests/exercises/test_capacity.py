@@ -23,7 +23,7 @@ def test_schedule_skips_a_full_node(controller_with):
     if max(count.values()) > 2:
         advise(f"With NODE_CAPACITY=2, schedule() put {count} containers on the nodes: "
                "a node that already runs NODE_CAPACITY containers must not get another.\n"
-               "Hint: add the setting NODE_CAPACITY next to TICK_SECONDS (setting(...)), "
+               "Hint: add the setting NODE_CAPACITY next to TICK_SECONDS (settings.read(...)), "
                "then in schedule() choose only among the live nodes whose load is below it.")
     unplaced = [name for name, node in assignments.items() if node is None]
     if unplaced != ["app7"]:

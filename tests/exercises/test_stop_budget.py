@@ -30,7 +30,7 @@ def test_what_waits_is_kept(controller_with):
     waiting = {"app1", "app4"} - set(to_stop)
     if not waiting <= set(to_keep):
         advise(f"node-1 runs app1 and app4, one stops now ({to_stop}); the other must wait, so "
-               f"it goes into to_keep, or act_command()'s sed deletes it anyway (sed keeps only "
+               f"it goes into to_keep, or the node's command deletes it anyway (it keeps only "
                f"the lines of to_keep). to_keep was {to_keep}.")
 
 
