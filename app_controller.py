@@ -13,29 +13,29 @@ missed event, a hand edit, a node dying behind our back are all seen at the next
         5. reconcile()              diff, then start and stop          a controller's sync
         sleep TICK_SECONDS, or wake at once when the API changes something
 
-Push or pull? In the talk this project grew from (github.com/silefort/duckConfKubernetes,
-whose five steps and French log it keeps: LOG_LANG=fr), *push* mode is a central brain
-sending orders ("start nginx on node-2"): lose one, or restart the node, and nobody
-notices. *Pull* mode is declarative: agents keep converging on a desired state. In
-Kubernetes, each node's kubelet watches the API server for the pods bound to its node and
-makes the node run them; the scheduler only writes down which node. This controller is
-the step between the two. It is declarative and level-triggered, like pull mode; but to
-keep the lesson in one process the nodes run no agent: the controller itself reaches
-into each node over SSH, reads what it runs and changes it, as a push controller would.
-What matters survives: it never sends an order once and trusts it; it checks every tick.
+Push or pull? The talk this project grew from (github.com/silefort/duckConfKubernetes,
+whose five steps and French log it keeps: LOG_LANG=fr) compares two designs.
+  Push: a central brain sends orders ("start nginx on node-2") and trusts them: lose one,
+    or restart the node, and nobody notices.
+  Pull: you declare what you want, and agents keep converging on it. In Kubernetes each
+    node's kubelet watches the API server for the pods bound to its node and runs them;
+    the scheduler only writes down which node.
+This file is the talk's pull mode squeezed into one process, so it sits between the two:
+declarative and level-triggered like pull, but the nodes run no agent. The controller
+itself reaches into each node over SSH and changes its file, as a push brain would. What
+pull is about survives: no order is sent once and trusted; every tick checks and corrects.
 
-A "container" is simulated: node N runs the names listed, one per line, in its file
-N_running.txt. Starting appends a line; stopping removes it. An intruder is a line nobody
+Words. A "container" is simulated: node N runs the names listed, one per line, in its file
+N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
 declared; a zombie, a container still on a node it was moved away from. A node is Ready
 (it answers and works), NotReady (it answers, but fails) or Unknown (silent: from here a
-crashed node and a cut cable look the same). Left out: real containers, etcd and its
-watches, leader election, heartbeats. machinery.py holds what only makes this file robust
-(checked settings, kept SSH connections, safe file writes, the log's words, the page's
-data): every name it gives says what it does, so you need not read it.
+crashed node and a cut cable look the same); the live nodes are the Ready ones. Left out:
+real containers, etcd's watches, leader election, heartbeats. machinery.py holds what only
+makes this file robust (checked settings, kept SSH connections, safe file writes, the log's
+words, the page's data); the names it gives say what they do: you need not read it.
 """
 
 import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -43,11 +43,10 @@ from typing import NamedTuple
 
 from flask import Flask, abort, jsonify, request
 
+import kubernetes_api
 import machinery
 
-# ---------------------------------------------------------------------------
-# Settings: environment variables (the defaults fit docker-compose.yml), checked
-# ---------------------------------------------------------------------------
+# --- Settings: environment variables, checked at start -----------------------
 settings = machinery.Settings()  # a bad value: main() says which in one line, exit status 2
 
 SSH_PORT = settings.port("SSH_PORT", 22)
@@ -76,39 +75,41 @@ API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
 # The machinery's objects: the log (printed, and kept for the page), the nodes over SSH,
-# what they last showed, and the loop's alarm clock. SIGTERM or Ctrl-C sets `stopping`.
-stopping = threading.Event()
+# what they showed last, and the loop's alarm clock. SIGTERM or Ctrl-C sets shutting_down.
+shutting_down = threading.Event()
 log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)
-nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, stopping)
+nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)
-timer = machinery.LoopTimer(stopping, log)
+timer = machinery.LoopTimer(shutting_down, log)
 
 
-# ---------------------------------------------------------------------------
-# The control loop: the five steps, a sleep, and again, until the process stops
-# ---------------------------------------------------------------------------
-
+# --- The control loop: the five steps, a sleep, and again --------------------
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
-    reason = "start"  # why a tick runs: start, timer, wake (an API change), step, requeue
-    failing = {}      # node -> why its last actions failed there: NotReady until one works
+    trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
+    failing = {}       # node -> why its last actions failed there (see run_tick)
     while True:
         acted = False
         try:
-            acted, failing = run_tick(reason, failing)  # the five steps
+            acted, failing = run_tick(trigger, failing)  # the five steps
         except machinery.ShuttingDown:
             return
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
-        seconds, reason = when_to_tick_again(acted, reason)
-        reason = timer.sleep(seconds, reason)  # sooner if the API wakes it or the teacher steps
-        if reason is None:  # SIGTERM or Ctrl-C
+        seconds, trigger = when_to_tick_again(acted, trigger)
+        # Sooner if the API wakes it or the teacher steps; never while the teacher paused it.
+        trigger = timer.sleep(seconds, trigger)
+        if trigger is None:  # SIGTERM or Ctrl-C
             return
 
 
-def run_tick(reason, failing):
-    """One tick: the five steps. Returns (whether it started or stopped something, failing)."""
-    log.begin_tick(reason)
+def run_tick(trigger, failing):
+    """One tick: the five steps. Returns (whether it started or stopped something, failing).
+
+    failing: the nodes whose commands failed *on* them (a full disk), not by silence. Step 1
+    calls them NotReady, so step 3 moves their containers away; step 5 retries them even
+    with nothing to do, to see whether they work again; then still_failing() updates it."""
+    log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (the kubelets report it)
     observed = get_current_state(failing)
@@ -124,15 +125,12 @@ def run_tick(reason, failing):
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, observed.live_nodes)
     explain_schedule(placements, desired)
-    # Steps 3 and 4 decided on a copy: write their decisions into the file, and go on
-    # with what it says now (the API may have changed it meanwhile).
+    # Steps 3 and 4 decided on a copy: write their decisions into the file, and go on with
+    # what the file declares now (the API may have changed it meanwhile).
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (a controller's sync; the kubelet acts)
     acted, results = reconcile(observed, desired, failing)
-    # The feedback into the next tick: a node whose command failed *there* will be
-    # NotReady until an action works, as a kubelet reports its node NotReady when its
-    # container runtime fails. A node that did not answer proves nothing either way.
     failing = still_failing(failing, results)
 
     # The verdict: ✅ if every action worked, every container has a node and no node is
@@ -142,10 +140,7 @@ def run_tick(reason, failing):
     return acted, failing
 
 
-# ---------------------------------------------------------------------------
-# The five steps (what is not a decision: asking the nodes, the file, the log)
-# ---------------------------------------------------------------------------
-
+# --- The five steps: ask the nodes, read the file, tell the class ------------
 class Observation(NamedTuple):
     """What step 1 saw."""
     running: dict     # node -> the names in its file, for every node that answered
@@ -163,30 +158,31 @@ def get_current_state(failing):
 
     A node that does not answer is Unknown; one that answers but fails, or whose last
     actions failed (`failing`), is NotReady: facts to log, not errors."""
-    answers = nodes.read_running_files()  # {node: (names, truncated), or the error}
+    # {node: (names, truncated: the file was longer than we read), or the error: a
+    # NodeError if the node answered but its command failed, another if it was silent}
+    answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
-    running = {node: answer[0] for node, answer in answers.items() if not isinstance(answer, Exception)}
+    running = {node: answer[0] for node, answer in answers.items()
+               if not isinstance(answer, Exception)}
     for node in running:
         last_answered[node] = now
     live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
     in_grace = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     observation = Observation(running, live_nodes, in_grace, conditions)
-    status.remember(observation)  # for the API and the page, before the log says it
-    for node in NODES:
+    status.remember(observation)  # what the API and the page show, before the log says it
+    for node in NODES:  # ✓ node-1: nginx, or - node-1: empty, or ⚠️  node-1: unavailable ...
         condition, reason = conditions[node]
         if node in in_grace:
-            silent_for, eviction_in = in_grace[node]
-            log.say("node_waiting", node=node, silent=silent_for, left=eviction_in)
-        elif condition == "Unknown":
-            log.say("node_down", node=node)
-        elif condition == "NotReady":
-            log.say("node_not_ready", node=node, reason=reason)
-        elif running[node]:
-            log.say("node_up", node=node, containers=log.listing(running[node], answers[node][1]))
+            log.say("node_waiting", node=node, silent=in_grace[node][0], left=in_grace[node][1])
+        elif condition != "Ready":
+            log.say("node_down" if condition == "Unknown" else "node_not_ready",
+                    node=node, reason=reason)
         else:
-            log.say("node_empty", node=node)
-    log.say("running_count", containers=log.count(sum(len(running[n]) for n in live_nodes), "container"),
+            log.say("node_up" if running[node] else "node_empty", node=node,
+                    containers=log.listing(*answers[node]))
+    on_live_nodes = sum(len(running[node]) for node in live_nodes)
+    log.say("running_count", containers=log.count(on_live_nodes, "container"),
             nodes=log.count(len(live_nodes), "node"))
     return observation
 
@@ -201,18 +197,12 @@ def get_desired_state():
 
 
 def explain_cleanup(orphans, observed):
-    """Log why each container lost its node: down, not ready, or not a node at all."""
+    """Log why each container lost its node (down, not ready, not a node); keep it for the page."""
     now = time.monotonic()
     for name, node in orphans:
-        if node not in NODES:
-            why = "unknown_node"
-            log.say("cleanup_unknown_node", name=name, node=node)
-        elif observed.conditions[node][0] == "NotReady":
-            why = "not_ready"
-            log.say("cleanup_not_ready", name=name, node=node)
-        else:
-            why = "down"
-            log.say("cleanup", name=name, node=node)
+        why = ("unknown_node" if node not in NODES
+               else "not_ready" if observed.conditions[node][0] == "NotReady" else "down")
+        log.say("cleanup_" + why, name=name, node=node)  # 💀 CLEANUP: app1 (node node-1 down)
         silent_for = round(now - last_answered[node], 1) if node in NODES else None
         log.record("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
                    silent_for=silent_for)
@@ -221,7 +211,7 @@ def explain_cleanup(orphans, observed):
 def explain_schedule(placements, desired):
     """Log where each container went, and those that found no live node."""
     for name, node, loads in placements:
-        log.say("schedule", name=name, node=node)
+        log.say("schedule", name=name, node=node)  # 📍 SCHEDULE: app1 → node-2
         log.record("schedule", name=name, node=node, loads=loads)
     for name, node in desired.items():
         if node is None:
@@ -231,28 +221,24 @@ def explain_schedule(placements, desired):
 def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
-    All of a node's actions go in one SSH command, and the nodes act at once. A
-    NotReady node is acted on too: its containers were moved away, so what still runs
-    there is stopped. Returns (whether anything was started or stopped, {node acted on:
-    None, or the error}); a failed action is simply tried again next tick."""
+    A NotReady node is acted on too: what still runs there is stopped. Returns (whether
+    anything was started or stopped, {node: None, or the error}); a failure is retried."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
+    # One SSH command per node, all nodes at once: sed keeps only the lines of to_keep
+    # (that is every stop at once; sed -i replaces the file whole), then to_start is appended.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
-        should_run = [name for name, assigned in desired.items() if assigned == node]
-        log.record_actions(node, should_run, observed.running[node], p.to_start, p.to_stop,
-                           results[node])
+        log.record_actions(node, desired, observed.running[node], p, results[node])
         log.say_each("stop", p.to_stop, node=node)  # ◼ STOP: app1 on node-1
         for name in p.to_start:
             log.say("start", name=name, node=node)  # ▶ START: app1 on node-2
         if results[node] is not None:
             log.say("actions_failed", node=node, error=log.describe(results[node]))
-    return any(p.to_start or p.to_stop for node, p in plan.items() if results[node] is None), results
+    acted = any(p.to_start or p.to_stop for node, p in plan.items() if results[node] is None)
+    return acted, results
 
 
-# ---------------------------------------------------------------------------
-# The decisions: pure functions over plain data, tested without a network
-# ---------------------------------------------------------------------------
-
+# --- The decisions: pure functions over plain data, tested without a network -
 def cleanup_dead_nodes(desired, holding_nodes):
     """Unassign every container whose node may no longer hold it. Returns (new desired, orphans).
 
@@ -270,10 +256,9 @@ def cleanup_dead_nodes(desired, holding_nodes):
 def schedule(desired, live_nodes):
     """Assign every unassigned container to a live node. Returns (new desired, placements).
 
-    Each goes to the live node with the fewest containers, the first in NODES order on a
-    tie: from empty nodes that is round-robin, and after a failure it fills the emptiest
-    nodes first, so the load stays even. A placement is (name, node, the loads it
-    compared): why node-2 and not node-3."""
+    Each goes to the live node with the fewest containers assigned, the first in NODES order
+    on a tie: from empty nodes that is round-robin, and after a failure it fills the emptiest
+    nodes first. A placement is (name, node, the loads it compared): why node-2, not node-3."""
     load = {node: 0 for node in live_nodes}
     for node in desired.values():
         if node in load:
@@ -290,13 +275,12 @@ def schedule(desired, live_nodes):
 
 
 def apply_decisions(desired, orphans, placements):
-    """Apply steps 3 and 4's decisions to `desired`, the file as it is now; return it.
+    """Apply steps 3 and 4's decisions to `desired`, what the file declares now; return it.
 
     The API, or a teacher's editor, may have changed the file since step 2 read it, so a
-    decision only applies to a line that still says what step 2 read: an orphan that is
-    still on its dead node, a placement that still has no node (optimistic concurrency,
-    like a Kubernetes update's resourceVersion). Another line is left alone: the next tick
-    decides again, with fresh data."""
+    decision only applies to a line that still says what step 2 read: an orphan still on
+    its dead node, a placement still without a node (optimistic concurrency, like a
+    Kubernetes update's resourceVersion). Any other line is left for the next tick."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -318,30 +302,30 @@ def diff_node(running, wanted):
 
     Anything running but not wanted is stopped: an intruder, or a zombie left by a node
     that was down while its containers moved. A wanted container listed twice is stopped
-    and started once again. The node's command keeps only `to_keep`: whatever else is in
-    its file goes, even what we could not read (see machinery.MAX_READ_BYTES)."""
+    and started once again. Keeping only `to_keep` also removes what we could not read."""
     # Counter: name -> how many lines list it. A dict and a set, not lists, so a flood
     # of 200,000 lines costs milliseconds (see docs/benchmark.md).
     listed = Counter(running)
     wanted_set = set(wanted)
     listed_twice = {name for name in wanted if listed[name] > 1}
-    return NodePlan(to_start=[name for name in wanted if name not in listed or name in listed_twice],
-                    to_stop=[name for name in listed if name not in wanted_set or name in listed_twice],
-                    to_keep=[name for name in wanted if listed[name] == 1])
+    return NodePlan(
+        to_start=[name for name in wanted if name not in listed or name in listed_twice],
+        to_stop=[name for name in listed if name not in wanted_set or name in listed_twice],
+        to_keep=[name for name in wanted if listed[name] == 1])
 
 
-def plan_reconcile(observed, desired, retry=()):
-    """The diff for every node that answered: {node: NodePlan}, for the nodes with work.
+def plan_reconcile(running, desired, retry=()):
+    """The diff for every node that answered ({node: names}): {node: NodePlan}, where work is.
 
     retry: the nodes whose last actions failed. Each gets an action even with nothing to
     change (keeping every line): the only way to see that it works again."""
-    wanted = {node: [] for node in observed}
+    wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
             wanted[node].append(name)
     plan = {}
-    for node in observed:
-        node_plan = diff_node(observed[node], wanted[node])
+    for node in running:
+        node_plan = diff_node(running[node], wanted[node])
         if node_plan.to_start or node_plan.to_stop or node in retry:
             plan[node] = node_plan
     return plan
@@ -359,18 +343,18 @@ def node_conditions(answers, failing):
         elif isinstance(answer, Exception):
             conditions[node] = ("Unknown", log.describe(answer))
         elif node in failing:
-            conditions[node] = ("NotReady", log.message("reason_actions_failed", error=failing[node]))
+            why = log.message("reason_actions_failed", error=failing[node])
+            conditions[node] = ("NotReady", why)
         else:
             conditions[node] = ("Ready", None)
     return conditions
 
 
 def grace_periods(conditions, last_answered, now, grace):
-    """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, seconds.
+    """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
 
-    A node cut off by the network still runs its containers, and starting them elsewhere
-    at once would run them twice. So, as Kubernetes does, we wait a while: a crashed node
-    costs `grace` seconds of downtime, a short partition moves nothing."""
+    A node cut off by the network still runs its containers: starting them elsewhere at once
+    would run them twice. So, as Kubernetes does, we wait: a crash costs `grace` seconds."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -380,8 +364,8 @@ def grace_periods(conditions, last_answered, now, grace):
 
 
 def still_failing(failing, results):
-    """The nodes NotReady at the next tick, {node: why}: `failing`, updated by this tick's
-    actions. One that worked clears its node; one that failed on the node marks it."""
+    """`failing` after this tick's actions ({node: None, or the error}): an action that
+    worked clears its node, one that failed on the node marks it, a silence proves nothing."""
     failing = dict(failing)
     for node, error in results.items():
         if error is None:
@@ -391,26 +375,25 @@ def still_failing(failing, results):
     return failing
 
 
-def when_to_tick_again(acted, reason):
+def when_to_tick_again(acted, trigger):
     """(seconds to sleep, why the next tick will run): the whole requeue rule.
 
-    A tick that started or stopped something is checked REQUEUE_SECONDS later (a
-    controller's requeue), once: if the check acts again, the timer decides, so a node
-    that keeps changing cannot make the loop spin. Meanwhile an API change wakes the loop
-    at once (a watch), and the timer ticks anyway (a resync): a missed wake-up is no loss."""
-    if acted and reason != "requeue":
+    A tick that started or stopped something is checked REQUEUE_SECONDS later (a requeue),
+    once: if the check acts again, the timer decides, so a node that keeps changing cannot
+    make the loop spin. An API change wakes the loop at once (a watch), and the timer ticks
+    anyway (a resync): a missed wake-up is no loss."""
+    if acted and trigger != "requeue":
         return REQUEUE_SECONDS, "requeue"
     return TICK_SECONDS, "timer"
 
 
-# ---------------------------------------------------------------------------
-# desired_state.txt: what the users declared (the API server and etcd, in Kubernetes)
-# ---------------------------------------------------------------------------
+# --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
 # Blank lines and "# comments" are fine, so a teacher may edit it by hand: the next tick
-# reads it. Two writers change it, the API thread and the loop: desired_file.update()
-# makes them take turns on one lock, and replaces the file only if nobody (a teacher's
-# editor, which takes no lock) saved it meanwhile; else it starts again from that text.
+# reads it. The API thread and the loop both change it, through desired_file.update(change,
+# *args): under one lock, it reads the file, runs change(desired, *args) on what it declares,
+# writes the result, and returns what change returned. A teacher's editor takes no lock, so
+# the file is replaced only if nobody saved it meanwhile; else update() starts again.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -436,10 +419,8 @@ def parse_desired_state(text):
 desired_file = machinery.DesiredStateFile(DESIRED_STATE_FILE, parse_desired_state)
 
 
-# ---------------------------------------------------------------------------
-# The REST API: it only changes desired_state.txt and wakes the loop, which does the
-# rest (in Kubernetes, the kube-apiserver stores objects; controllers act on them)
-# ---------------------------------------------------------------------------
+# --- The REST API: it only changes desired_state.txt and wakes the loop ------
+# (the loop does the rest; in Kubernetes, controllers act on the API server's objects)
 api = Flask(__name__)
 
 
@@ -461,7 +442,7 @@ def forget(desired, name):
 def create_container():
     """POST /api/containers {"name": "nginx"}: declare a container (201), then wake the loop.
 
-    The woken tick schedules it ("nginx:node-2") and starts it; a check tick
+    The woken tick schedules it ("nginx:node-2") and starts it; the check tick
     REQUEUE_SECONDS later sees it running."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
     if not isinstance(body, dict):
@@ -479,7 +460,9 @@ def create_container():
 
 @api.get("/api/containers")
 def list_containers():
-    """GET /api/containers: every declared container, with its node and status."""
+    """GET /api/containers: every declared container, with its node and status: running (its
+    node was Ready and listed it at the last observation), pending (not yet), unknown (its
+    node is silent), unscheduled (no node)."""
     desired, _ = desired_file.read()
     return jsonify(status.container_views(desired))
 
@@ -501,39 +484,29 @@ def delete_container(name):
     return jsonify(name=name, node=node, deleted=True)
 
 
-# The rest of the API (JSON errors, the token, /api/nodes, /healthz, the teacher's
-# /api/loop/pause|step|resume, the page and its /api/state) is machinery.
+# The rest of the API is machinery: JSON errors, the token, /api/nodes, /healthz, the
+# teacher's /api/loop/pause, /step and /resume, the classroom page and its /api/state.
 machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,
     page=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html"))
+# The same cluster for the real kubectl (kubernetes_api.py): a container is a pod, a node a
+# node, on the same port; `kubectl run` declares with declare(), `kubectl delete` forgets.
+kubernetes_api.register(api, kubernetes_api.ControllerBackend(
+    desired_file, status, log, timer, API_TOKEN, declare, forget))
 
 
-# ---------------------------------------------------------------------------
-# Entry point: the API thread and the control-loop thread
-# ---------------------------------------------------------------------------
-
+# --- Entry point: the API thread and the control-loop thread -----------------
 def main():
-    """Check the settings, start the API thread and the control loop, stop on SIGTERM or Ctrl-C."""
+    """Check the settings, start the API thread and the control-loop thread, until SIGTERM or Ctrl-C."""
     settings.exit_if_wrong()  # one line per bad setting, exit status 2: nothing starts
     server = machinery.quiet_server(api, API_HOST, API_PORT)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                      name="api", daemon=True).start()
-    log.say("started_token" if API_TOKEN else "started",
-            host=API_HOST if ":" not in API_HOST else f"[{API_HOST}]", port=API_PORT,
-            nodes=", ".join(NODES), tick=TICK_SECONDS)
-
-    def stop(signum, frame):
-        """SIGTERM or Ctrl-C: end the loop (a tick in progress finishes or is abandoned)."""
-        stopping.set()
-        timer.wake()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    log.say_started(API_HOST, API_PORT, NODES, TICK_SECONDS, token=API_TOKEN is not None)
     loop = threading.Thread(target=control_loop, name="control-loop", daemon=True)
     loop.start()
-    while not stopping.wait(0.5):
-        pass
+    machinery.wait_for_a_stop_signal(shutting_down, timer)  # SIGTERM or Ctrl-C: the loop ends
     loop.join(timeout=1)  # let a tick in progress finish; a hung one is abandoned
     nodes.close_all()
     server.shutdown()

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import stat
 import sys
@@ -174,7 +175,7 @@ MESSAGES = {
         "bad_lines_more": "  ⚠️  … and {more} more invalid lines",
         "declared_count": "   → {containers} declared",
         "step_3": "\n3️⃣  CLEANUP dead nodes",
-        "cleanup": "  💀 CLEANUP: {name} (node {node} down)",
+        "cleanup_down": "  💀 CLEANUP: {name} (node {node} down)",
         "cleanup_not_ready": "  💀 CLEANUP: {name} (node {node} not ready)",
         "cleanup_unknown_node": "  💀 CLEANUP: {name} (node {node} unknown: not in NODES)",
         "step_4": "\n4️⃣  SCHEDULE unassigned containers",
@@ -226,7 +227,7 @@ MESSAGES = {
         "bad_lines_more": "  ⚠️  … et {more} autres lignes invalides",
         "declared_count": "   → {containers} déclarés",
         "step_3": "\n3️⃣  CLEANUP des noeuds morts",
-        "cleanup": "  💀 CLEANUP: {name} (node {node} down)",
+        "cleanup_down": "  💀 CLEANUP: {name} (node {node} down)",
         "cleanup_not_ready": "  💀 CLEANUP: {name} (node {node} pas prêt)",
         "cleanup_unknown_node": "  💀 CLEANUP: {name} (node {node} inconnu : absent de NODES)",
         "step_4": "\n4️⃣  SCHEDULER les containers non assignés",
@@ -291,6 +292,7 @@ class TickLog:
         self.failed_ticks_in_a_row = 0
         self.last_tick_finished = time.monotonic()
         self.current = None  # the tick being logged; only the loop thread touches it
+        self.after_tick = []  # called with no argument once each tick is kept (kubectl's watches)
 
     # --- words ---
 
@@ -362,6 +364,11 @@ class TickLog:
         if len(lines) < MAX_LINES_KEPT:  # the page's copy is bounded; the log has every line
             lines.append(text.strip())
 
+    def say_started(self, host, port, nodes, tick_seconds, token):
+        """The controller's first line: where its API listens, its nodes, its tick."""
+        self.say("started_token" if token else "started", host=f"[{host}]" if ":" in host else host,
+                 port=port, nodes=", ".join(nodes), tick=tick_seconds)
+
     def say_each(self, key, names, **values):
         """One line per name (say(key, name=...)), cut after LIST_LIMIT with '… and N more'."""
         for name in names[:LIST_LIMIT]:
@@ -382,8 +389,10 @@ class TickLog:
         if tick is not None and len(tick["decisions"][step]) < MAX_LINES_KEPT:
             tick["decisions"][step].append(decision)
 
-    def record_actions(self, node, should_run, ran, to_start, to_stop, error):
+    def record_actions(self, node, desired, ran, plan, error):
         """Record what step 5 did on one node: what should run, what ran, what it started and stopped."""
+        should_run = [name for name, assigned in desired.items() if assigned == node]
+        to_start, to_stop = plan.to_start, plan.to_stop
         self.record("reconcile", node=node, ok=error is None,
                     error=None if error is None else self.describe(error),
                     should_run=should_run[:LIST_LIMIT], ran=[cut_text(name) for name in ran[:LIST_LIMIT]],
@@ -425,23 +434,24 @@ class TickLog:
                                         containers=self.count(len(unscheduled), "container")))
         if failed:
             reasons.append(self.describe(failed))
-        if reasons:
-            verdict = self.message("not_converged", reasons="; ".join(reasons))
-        elif waiting:
-            verdict = self.message("waiting", nodes="; ".join(
-                self.message("waiting_node", node=node, left=left) for node, (_, left) in waiting.items()))
-        else:
-            verdict = self.message("converged")
+        outcome = "not_converged" if reasons else "waiting" if waiting else "converged"
+        verdict = self.message(outcome, reasons="; ".join(reasons), nodes="; ".join(
+            self.message("waiting_node", node=node, left=left) for node, (_, left) in waiting.items()))
         self.emit(verdict)
         now = time.time()
         tick = self.current
-        tick.update(finished_at=now, converged=not reasons and not waiting, failed=failed is not None,
-                    waiting=sorted(waiting), verdict=verdict.strip(), actions=actions_of(tick["decisions"]),
+        tick.update(finished_at=now, converged=outcome == "converged", outcome=outcome,
+                    failed=failed is not None, waiting=sorted(waiting), verdict=verdict.strip(), actions=actions_of(tick["decisions"]),
                     duration_ms=round(1000 * (now - tick["started_at"]), 1))
         with self.lock:
             self.ticks.append(tick)
             self.last_tick_finished = time.monotonic()
             self.failed_ticks_in_a_row = self.failed_ticks_in_a_row + 1 if failed else 0
+        for listener in self.after_tick:
+            try:
+                listener()
+            except Exception as error:  # a listener's bug must not fail the tick it follows
+                print(f"pull-mode: after tick {tick['number']}: {self.describe(error)}", file=sys.stderr)
 
     def fail_tick(self, error):
         """A tick raised: log it and end it as failed; the next tick retries from scratch."""
@@ -555,11 +565,11 @@ class Nodes:
     stage has a deadline (SSH_TIMEOUT), and all nodes are asked at once, so a hung
     node costs one timeout per tick, not one per node."""
 
-    def __init__(self, addresses, state_dir, user, key_file, timeout, stopping):
+    def __init__(self, addresses, state_dir, user, key_file, timeout, shutting_down):
         self.addresses = addresses  # {node: (host, port)}
         self.state_dir = state_dir  # where each node keeps <node>_running.txt
         self.user, self.key_file, self.timeout = user, key_file, timeout
-        self.stopping = stopping    # set at shutdown: a closed connection then proves nothing
+        self.shutting_down = shutting_down  # set at shutdown: a closed connection proves nothing
         self.connections = {}       # node -> paramiko.SSHClient
         self.lock = threading.Lock()
         self.handshakes = {node: 0 for node in addresses}  # shown by GET /api/nodes: reuse is visible
@@ -604,7 +614,7 @@ class Nodes:
         for thread in threads:
             thread.join(max(0, deadline - time.monotonic()))
         gave_up.set()  # from now on, a late worker changes nothing
-        if self.stopping.is_set():
+        if self.shutting_down.is_set():
             raise ShuttingDown()  # so no tick acts on nodes that only *look* down
         for node in commands:
             if node not in results:
@@ -893,8 +903,8 @@ class LoopTimer:
     It runs on time.monotonic(), which only goes forward: set the laptop's clock
     back an hour, the loop still ticks on time."""
 
-    def __init__(self, stopping, log):
-        self.stopping = stopping  # set at shutdown: sleep() then returns None
+    def __init__(self, shutting_down, log):
+        self.shutting_down = shutting_down  # set at shutdown: sleep() then returns None
         self.log = log            # where it says "Loop paused" and "Loop resumed"
         self.condition = threading.Condition()  # every change below notifies it
         self.paused = False
@@ -934,7 +944,7 @@ class LoopTimer:
         with self.condition:
             deadline = time.monotonic() + seconds
             said_paused = False
-            while not self.stopping.is_set():
+            while not self.shutting_down.is_set():
                 now = time.monotonic()
                 trigger = next_trigger(now, deadline, self.paused, self.steps_requested,
                                        self.woken, reason)
@@ -1042,11 +1052,12 @@ class ClusterStatus:
 READ_ONLY_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
-def holds_token(token):
-    """True if this request may change the cluster: no token is set, or it carries the token."""
+def token_allows(token, authorization):
+    """True if a request with this Authorization header ("" if none) may change the cluster:
+    no token is set, or the header is "Bearer <token>"."""
     if token is None:
         return True
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, given = authorization.partition(" ")
     # compare_digest takes as long for a near miss as for a far one, so the response
     # time does not tell an attacker how many characters were right.
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
@@ -1076,8 +1087,10 @@ def add_classroom_api(api, *, desired_file, status, log, timer, token, tick_seco
     @api.before_request
     def require_token_to_write():
         """Refuse a request that changes something unless it carries the token (when one is set)."""
-        if request.method in READ_ONLY_METHODS or holds_token(token):
+        if request.method in READ_ONLY_METHODS or token_allows(token, request.headers.get("Authorization", "")):
             return None  # None: Flask goes on to the route
+        if request.blueprint == "kubernetes":
+            return None  # kubernetes_api.py answers kubectl itself, with a Status that says why
         problem = "wrong token" if request.headers.get("Authorization", "").partition(" ")[2] else "no token"
         # The answer says how to send a token, never anything about the token itself.
         return (jsonify(error=f'{problem}: changing the cluster needs the header '
@@ -1142,6 +1155,19 @@ def add_classroom_api(api, *, desired_file, status, log, timer, token, tick_seco
     def classroom_page():
         """GET /: the classroom page (dashboard.html), which polls /api/state."""
         return send_file(page)
+
+
+def wait_for_a_stop_signal(shutting_down, timer):
+    """Return once SIGTERM (docker stop) or SIGINT (Ctrl-C) came: shutting_down is set and the
+    loop's timer woken, so a sleeping loop ends at once (a tick in progress finishes first)."""
+    def stop(signum, frame):
+        shutting_down.set()
+        timer.wake()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not shutting_down.wait(0.5):  # signals reach the main thread, which waits here
+        pass
 
 
 def quiet_server(api, host, port):

@@ -51,7 +51,7 @@ def printed(tmp_path, monkeypatch):
     lines = []
     monkeypatch.setattr(controller.log, "emit", lines.append)
     yield lines
-    controller.stopping.set()  # a timer still waiting in a failed test's thread returns
+    controller.shutting_down.set()  # a timer still waiting in a failed test's thread returns
     with controller.timer.condition:
         controller.timer.condition.notify_all()
 
@@ -75,14 +75,14 @@ def what_the_loop_does_next(printed):
     result = []
     mark = len(printed)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(c.timer, "stopping", threading.Event())
+        patch.setattr(c.timer, "shutting_down", threading.Event())
         waiter = threading.Thread(target=lambda: result.append(c.timer.sleep(0, "timer")),
                                   daemon=True)
         waiter.start()
         wait_until(lambda: result or c.log.message("paused") in printed[mark:], timeout=5,
                    what="the timer to choose a tick or to sleep paused")
         if not result:  # asleep until step or resume: wake it as a shutdown would
-            c.timer.stopping.set()
+            c.timer.shutting_down.set()
             with c.timer.condition:
                 c.timer.condition.notify_all()
         waiter.join(timeout=5)
@@ -226,7 +226,8 @@ def test_delete_removes_the_declaration(client, desired_file, printed):
 # --- everything else is JSON too -----------------------------------------------------
 
 @pytest.mark.parametrize("method, url, status", [
-    ("get", "/nope", 404), ("get", "/api", 404), ("put", "/api/containers", 405),
+    # (/api itself is Kubernetes' discovery now, for kubectl: see test_kubectl.py)
+    ("get", "/nope", 404), ("get", "/api/nope", 404), ("put", "/api/containers", 405),
     ("patch", "/api/containers/nginx", 405), ("post", "/api/nodes", 405),
     ("post", "/api/loop/explode", 404), ("delete", "/api/containers", 405)])
 def test_every_error_is_json(client, method, url, status):
@@ -300,13 +301,13 @@ def test_the_timer_ticks_on_time_when_the_clock_is_set_back(monkeypatch):
         calls.append(1)
         return real_time() - 3600 * len(calls)
 
-    stopping, result = threading.Event(), []
-    timer = machinery.LoopTimer(stopping, c.log)
+    shutting_down, result = threading.Event(), []
+    timer = machinery.LoopTimer(shutting_down, c.log)
     monkeypatch.setattr(time, "time", clock_going_backwards)
     thread = threading.Thread(target=lambda: result.append(timer.sleep(0.2, "timer")), daemon=True)
     thread.start()
     thread.join(timeout=5)
-    stopping.set()
+    shutting_down.set()
     with timer.condition:
         timer.condition.notify_all()
     assert result == ["timer"]

@@ -40,7 +40,13 @@ def test_a_node_back_within_its_grace_period_moved_nothing(cluster, start_contro
     assert {n: statuses[n] for n in on_node_1} == {"app1": "unknown", "app4": "unknown"}, statuses
     node_1 = {n["name"]: n for n in ctl.get("/api/nodes")[1]}["node-1"]
     assert node_1["condition"] == "Unknown" and 0 < node_1["eviction_in"] <= GRACE
-    ctl.wait_ticks(1, after=at)
+    # Nobody knows what node-1 runs: the tick does not say "Converged", it says what it waits for.
+    verdict_at = ctl.wait_ticks(1, after=at)
+    assert re.fullmatch(r"⏳ Waiting: node-1 silent, what it runs is unknown \(eviction in \d+ s\)",
+                        ctl.lines[verdict_at]), ctl.lines[verdict_at]
+    tick = wait_until(lambda: [t for t in ctl.get("/api/state")[1]["ticks"]
+                               if t["verdict"] == ctl.lines[verdict_at]], what="the tick on the page")[0]
+    assert tick["converged"] is False and tick["waiting"] == ["node-1"]
     cluster["node-1"].start()  # back well within the grace period
     ctl.wait_for_line(line("  ✓ node-1: " + ", ".join(on_node_1)), WAIT, after=at)
     ctl.wait_ticks(1)

@@ -702,12 +702,12 @@ def test_after_a_tick_that_acted_the_deadline_brings_a_requeue():
 
 
 def test_the_requeue_rule_checks_a_tick_that_acted_once_and_only_once():
-    assert c.when_to_tick_again(acted=True, reason="timer") == (c.REQUEUE_SECONDS, "requeue")
-    assert c.when_to_tick_again(acted=True, reason="wake") == (c.REQUEUE_SECONDS, "requeue")
-    assert c.when_to_tick_again(acted=True, reason="requeue") == (c.TICK_SECONDS, "timer"), \
+    assert c.when_to_tick_again(acted=True, trigger="timer") == (c.REQUEUE_SECONDS, "requeue")
+    assert c.when_to_tick_again(acted=True, trigger="wake") == (c.REQUEUE_SECONDS, "requeue")
+    assert c.when_to_tick_again(acted=True, trigger="requeue") == (c.TICK_SECONDS, "timer"), \
         "a check that acted again does not requeue: a node that keeps changing cannot make the loop spin"
-    assert c.when_to_tick_again(acted=False, reason="requeue") == (c.TICK_SECONDS, "timer")
-    assert c.when_to_tick_again(acted=False, reason="start") == (c.TICK_SECONDS, "timer")
+    assert c.when_to_tick_again(acted=False, trigger="requeue") == (c.TICK_SECONDS, "timer")
+    assert c.when_to_tick_again(acted=False, trigger="start") == (c.TICK_SECONDS, "timer")
 
 
 def test_a_wake_up_ticks_at_once():
@@ -753,3 +753,35 @@ def test_a_node_whose_action_fails_there_stays_not_ready_and_a_silence_changes_n
     failing = {"node-2": "sed: disk full"}
     results = {"node-1": m.NodeError("sed: disk full"), "node-2": TimeoutError(), "node-3": None}
     assert c.still_failing(failing, results) == {"node-1": "sed: disk full", "node-2": "sed: disk full"}
+
+
+# --- the tick's verdict ------------------------------------------------------------------
+
+def verdicts(language, *ticks):
+    """The verdict lines a TickLog prints for ticks given as end_tick()'s arguments."""
+    log, lines = m.TickLog(language), []
+    log.emit = lines.append
+    for results, unscheduled, waiting in ticks:
+        log.begin_tick("timer")
+        log.end_tick(results, unscheduled, waiting)
+    return [line.strip() for line in lines if line.startswith("\n") and line.strip()[:1] in "✅❌⏳"], log
+
+
+def test_a_node_silent_in_its_grace_period_makes_the_verdict_waiting_not_converged():
+    silent = {"node-1": (12.0, 18.0)}
+    for language, text in [
+            ("en", "⏳ Waiting: node-1 silent, what it runs is unknown (eviction in 18 s)"),
+            ("fr", "⏳ En attente : node-1 silencieux, ce qu'il exécute est inconnu (éviction dans 18 s)")]:
+        lines, log = verdicts(language, ({"node-2": None}, [], silent))
+        assert lines == [text]
+        tick = log.recent_ticks()[-1]
+        assert (tick["converged"], tick["outcome"], tick["waiting"], tick["verdict"]) == (
+            False, "waiting", ["node-1"], text)
+
+
+def test_a_failure_outranks_waiting_and_nothing_silent_is_converged():
+    lines, _ = verdicts("en", ({"node-2": m.NodeError("sed: disk full")}, [], {"node-1": (1.0, 29.0)}),
+                        ({"node-2": None}, [], {}), ({}, ["web"], {}))
+    assert lines == ["❌ Not converged: node-2: sed: disk full", "✅ Converged",
+                     "❌ Not converged: 1 container unscheduled"]
+    assert verdicts("fr", ({}, [], {}))[0] == ["✅ Convergé"], "the original project's word"
