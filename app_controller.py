@@ -14,25 +14,27 @@ missed event, a hand edit, a node dying behind our back are all seen at the next
         sleep TICK_SECONDS, or wake at once when the API changes something
 
 Push or pull? The talk this project grew from (github.com/silefort/duckConfKubernetes,
-whose five steps and French log it keeps: LOG_LANG=fr) compares two designs.
-  Push: a central brain sends orders ("start nginx on node-2") and trusts them: lose one,
-    or restart the node, and nobody notices.
-  Pull: you declare what you want, and agents keep converging on it. In Kubernetes each
-    node's kubelet watches the API server for the pods bound to its node and runs them;
-    the scheduler only writes down which node.
-This file is the talk's pull mode squeezed into one process, so it sits between the two:
-declarative and level-triggered like pull, but the nodes run no agent. The controller
-itself reaches into each node over SSH and changes its file, as a push brain would. What
-pull is about survives: no order is sent once and trusted; every tick checks and corrects.
+whose five steps and French log it keeps: LOG_LANG=fr) compares two designs:
+
+               who says what should run     who changes a node     if an order gets lost
+    push       a central brain's orders     the brain, once        nobody notices
+    pull       declared objects             each node's agent      the agent redoes it
+    this file  desired_state.txt            this loop, over SSH    the next tick redoes it
+
+Kubernetes is pull: each node's kubelet watches the API server for the pods bound to that
+node and runs them. This file keeps the talk's name, pull-mode, and its declarative loop,
+but in one process: the nodes run no agent, so the loop reaches into each one itself, as a
+push brain would. What pull is about survives: nothing is sent once and trusted; every tick
+compares again and corrects.
 
 Words. A "container" is simulated: node N runs the names listed, one per line, in its file
 N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
-declared; a zombie, a container still on a node it was moved away from. A node is Ready
-(it answers and works), NotReady (it answers, but fails) or Unknown (silent: from here a
-crashed node and a cut cable look the same); the live nodes are the Ready ones. Left out:
-real containers, etcd's watches, leader election, heartbeats. machinery.py holds what only
-makes this file robust (checked settings, kept SSH connections, safe file writes, the log's
-words, the page's data); the names it gives say what they do: you need not read it.
+declared; a zombie, a container still on a node it was moved away from. A node is Ready (it
+answers and works), NotReady (it answers, but fails) or Unknown (silent: a crashed node and a
+cut cable look the same); the live nodes are the Ready ones. Left out: real containers, etcd,
+leader election, heartbeats. machinery.py holds what only makes this file robust (settings,
+SSH connections, safe writes, the log's words, the page's data) behind names that say what
+they do: you need not read it. kubernetes_api.py lets the real kubectl see the same cluster.
 """
 
 import os
@@ -69,14 +71,13 @@ NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
 API_PORT = settings.port("API_PORT", 8080)
-# Unset: whoever reaches the API may change the cluster. Set: every change needs the header
-# "Authorization: Bearer <API_TOKEN>"; reading stays open to all.
+# Unset: anyone may change the cluster. Set: changes need "Authorization: Bearer <API_TOKEN>".
 API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
-# The machinery's objects: the log (printed, and kept for the page), the nodes over SSH,
-# what they showed last, and the loop's alarm clock. SIGTERM or Ctrl-C sets shutting_down.
-shutting_down = threading.Event()
+# The machinery: the log (printed, and kept for the page), the nodes over SSH, their last
+# status, the loop's alarm clock (woken by the API, paused by the teacher).
+shutting_down = threading.Event()  # set by SIGTERM or Ctrl-C
 log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)
@@ -97,8 +98,7 @@ def control_loop():
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
         seconds, trigger = when_to_tick_again(acted, trigger)
-        # Sooner if the API wakes it or the teacher steps; never while the teacher paused it.
-        trigger = timer.sleep(seconds, trigger)
+        trigger = timer.sleep(seconds, trigger)  # sooner on an API change; never while paused
         if trigger is None:  # SIGTERM or Ctrl-C
             return
 
@@ -106,9 +106,10 @@ def control_loop():
 def run_tick(trigger, failing):
     """One tick: the five steps. Returns (whether it started or stopped something, failing).
 
-    failing: the nodes whose commands failed *on* them (a full disk), not by silence. Step 1
-    calls them NotReady, so step 3 moves their containers away; step 5 retries them even
-    with nothing to do, to see whether they work again; then still_failing() updates it."""
+    A node is NotReady when a command fails *on* it (a full disk), not by silence: this
+    tick's read (step 1), or its last actions, which `failing` carries from tick to tick.
+    Step 3 moves a NotReady node's containers away; step 5 retries a failing node even with
+    nothing to do, to see whether it works again; still_failing() then updates `failing`."""
     log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (the kubelets report it)
@@ -135,8 +136,7 @@ def run_tick(trigger, failing):
 
     # The verdict: ✅ if every action worked, every container has a node and no node is
     # silent in its grace period (nobody knows what it runs); else ❌ or ⏳, saying why.
-    log.end_tick(results, [name for name, node in desired.items() if node is None],
-                 observed.in_grace)
+    log.end_tick(results, desired, observed.in_grace)
     return acted, failing
 
 
@@ -158,32 +158,23 @@ def get_current_state(failing):
 
     A node that does not answer is Unknown; one that answers but fails, or whose last
     actions failed (`failing`), is NotReady: facts to log, not errors."""
-    # {node: (names, truncated: the file was longer than we read), or the error: a
-    # NodeError if the node answered but its command failed, another if it was silent}
+    # {node: (names, truncated), or the error: NodeError if its command failed, another if silent}
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
     running = {node: answer[0] for node, answer in answers.items()
                if not isinstance(answer, Exception)}
-    for node in running:
-        last_answered[node] = now
+    for node in NODES:
+        if conditions[node][0] != "Unknown":  # it answered, even with an error
+            last_answered[node] = now
     live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
     in_grace = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     observation = Observation(running, live_nodes, in_grace, conditions)
     status.remember(observation)  # what the API and the page show, before the log says it
-    for node in NODES:  # ✓ node-1: nginx, or - node-1: empty, or ⚠️  node-1: unavailable ...
-        condition, reason = conditions[node]
-        if node in in_grace:
-            log.say("node_waiting", node=node, silent=in_grace[node][0], left=in_grace[node][1])
-        elif condition != "Ready":
-            log.say("node_down" if condition == "Unknown" else "node_not_ready",
-                    node=node, reason=reason)
-        else:
-            log.say("node_up" if running[node] else "node_empty", node=node,
-                    containers=log.listing(*answers[node]))
-    on_live_nodes = sum(len(running[node]) for node in live_nodes)
-    log.say("running_count", containers=log.count(on_live_nodes, "container"),
-            nodes=log.count(len(live_nodes), "node"))
+    for node in NODES:  # ✓ node-1: nginx, - node-2: empty, ⚠️  node-3: unavailable, ...
+        log.say_node(node, conditions[node], answers[node], in_grace.get(node))
+    log.say("running_count", nodes=log.count(len(live_nodes), "node"),
+            containers=log.count(sum(len(running[node]) for node in live_nodes), "container"))
     return observation
 
 
@@ -203,9 +194,8 @@ def explain_cleanup(orphans, observed):
         why = ("unknown_node" if node not in NODES
                else "not_ready" if observed.conditions[node][0] == "NotReady" else "down")
         log.say("cleanup_" + why, name=name, node=node)  # 💀 CLEANUP: app1 (node node-1 down)
-        silent_for = round(now - last_answered[node], 1) if node in NODES else None
         log.record("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
-                   silent_for=silent_for)
+                   silent_for=round(now - last_answered[node], 1) if node in NODES else None)
 
 
 def explain_schedule(placements, desired):
@@ -213,9 +203,8 @@ def explain_schedule(placements, desired):
     for name, node, loads in placements:
         log.say("schedule", name=name, node=node)  # 📍 SCHEDULE: app1 → node-2
         log.record("schedule", name=name, node=node, loads=loads)
-    for name, node in desired.items():
-        if node is None:
-            log.say("unschedulable", name=name)
+    for name in [name for name, node in desired.items() if node is None]:
+        log.say("unschedulable", name=name)  # ⏳ app7: no live node, stays unscheduled
 
 
 def reconcile(observed, desired, failing):
@@ -277,10 +266,10 @@ def schedule(desired, live_nodes):
 def apply_decisions(desired, orphans, placements):
     """Apply steps 3 and 4's decisions to `desired`, what the file declares now; return it.
 
-    The API, or a teacher's editor, may have changed the file since step 2 read it, so a
-    decision only applies to a line that still says what step 2 read: an orphan still on
-    its dead node, a placement still without a node (optimistic concurrency, like a
-    Kubernetes update's resourceVersion). Any other line is left for the next tick."""
+    The API or a teacher may have changed the file since step 2 read it, so a decision only
+    applies to a line that still says what step 2 read: an orphan still on its dead node, a
+    placement still without a node (optimistic concurrency, like a Kubernetes update's
+    resourceVersion). Any other line is left for the next tick to decide again."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -303,8 +292,7 @@ def diff_node(running, wanted):
     Anything running but not wanted is stopped: an intruder, or a zombie left by a node
     that was down while its containers moved. A wanted container listed twice is stopped
     and started once again. Keeping only `to_keep` also removes what we could not read."""
-    # Counter: name -> how many lines list it. A dict and a set, not lists, so a flood
-    # of 200,000 lines costs milliseconds (see docs/benchmark.md).
+    # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
     listed = Counter(running)
     wanted_set = set(wanted)
     listed_twice = {name for name in wanted if listed[name] > 1}
@@ -354,7 +342,7 @@ def grace_periods(conditions, last_answered, now, grace):
     """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
 
     A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So, as Kubernetes does, we wait: a crash costs `grace` seconds."""
+    would run them twice. So, as Kubernetes does, we wait (a crash costs `grace` seconds)."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -378,22 +366,20 @@ def still_failing(failing, results):
 def when_to_tick_again(acted, trigger):
     """(seconds to sleep, why the next tick will run): the whole requeue rule.
 
-    A tick that started or stopped something is checked REQUEUE_SECONDS later (a requeue),
-    once: if the check acts again, the timer decides, so a node that keeps changing cannot
-    make the loop spin. An API change wakes the loop at once (a watch), and the timer ticks
-    anyway (a resync): a missed wake-up is no loss."""
+    A tick that started or stopped something is checked REQUEUE_SECONDS later, once: if the
+    check acts again, the timer decides, so a node that keeps changing cannot make the loop
+    spin. An API change wakes the loop at once (a watch); the timer ticks anyway (a resync)."""
     if acted and trigger != "requeue":
         return REQUEUE_SECONDS, "requeue"
     return TICK_SECONDS, "timer"
 
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
-# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are fine, so a teacher may edit it by hand: the next tick
-# reads it. The API thread and the loop both change it, through desired_file.update(change,
-# *args): under one lock, it reads the file, runs change(desired, *args) on what it declares,
-# writes the result, and returns what change returned. A teacher's editor takes no lock, so
-# the file is replaced only if nobody saved it meanwhile; else update() starts again.
+# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned);
+# blank lines and "# comments" too, so a teacher may edit it by hand. The API thread and the
+# loop both change it with desired_file.update(change, *args): under one lock, it reads the
+# file, runs change(desired, *args), writes the result and returns what change returned. A
+# teacher's editor takes no lock: update() replaces the file only if nobody saved it since.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -420,7 +406,6 @@ desired_file = machinery.DesiredStateFile(DESIRED_STATE_FILE, parse_desired_stat
 
 
 # --- The REST API: it only changes desired_state.txt and wakes the loop ------
-# (the loop does the rest; in Kubernetes, controllers act on the API server's objects)
 api = Flask(__name__)
 
 
@@ -440,17 +425,15 @@ def forget(desired, name):
 
 @api.post("/api/containers")
 def create_container():
-    """POST /api/containers {"name": "nginx"}: declare a container (201), then wake the loop.
-
-    The woken tick schedules it ("nginx:node-2") and starts it; the check tick
-    REQUEUE_SECONDS later sees it running."""
+    """POST /api/containers {"name": "nginx"}: declare a container (201) and wake the loop, which
+    schedules it ("nginx:node-2") and starts it; its check tick then sees it running."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
     if not isinstance(body, dict):
         abort(400, 'the body must be a JSON object, like {"name": "nginx"}')
     name = body.get("name")
     if not isinstance(name, str):
         abort(400, '"name" is required and must be a string')
-    if not machinery.is_valid_name(name):  # a name reaches a node's shell: check it here
+    if not machinery.is_valid_name(name):  # it will reach a node's shell (quoted): check it here
         abort(400, f"{name!r} is not a valid name: use at most 63 lowercase letters, digits "
                    "and '-', starting and ending with a letter or digit (a DNS-1123 label)")
     desired_file.update(declare, name)
@@ -460,9 +443,8 @@ def create_container():
 
 @api.get("/api/containers")
 def list_containers():
-    """GET /api/containers: every declared container, with its node and status: running (its
-    node was Ready and listed it at the last observation), pending (not yet), unknown (its
-    node is silent), unscheduled (no node)."""
+    """GET /api/containers: each container, its node and status: running (its Ready node listed
+    it at the last observation), pending (not yet), unknown (its node is silent), unscheduled."""
     desired, _ = desired_file.read()
     return jsonify(status.container_views(desired))
 
@@ -484,21 +466,21 @@ def delete_container(name):
     return jsonify(name=name, node=node, deleted=True)
 
 
-# The rest of the API is machinery: JSON errors, the token, /api/nodes, /healthz, the
-# teacher's /api/loop/pause, /step and /resume, the classroom page and its /api/state.
+# The rest of the API is machinery: JSON errors, the token (checked before every write),
+# /api/nodes, /healthz, the teacher's /api/loop/pause|step|resume, the page, /api/state.
 machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,
     page=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html"))
-# The same cluster for the real kubectl (kubernetes_api.py): a container is a pod, a node a
-# node, on the same port; `kubectl run` declares with declare(), `kubectl delete` forgets.
+# The same cluster for the real kubectl (kubernetes_api.py), on the same port: a container
+# is a pod; `kubectl run` and `kubectl delete` go through declare() and forget(), like curl.
 kubernetes_api.register(api, kubernetes_api.ControllerBackend(
     desired_file, status, log, timer, API_TOKEN, declare, forget))
 
 
 # --- Entry point: the API thread and the control-loop thread -----------------
 def main():
-    """Check the settings, start the API thread and the control-loop thread, until SIGTERM or Ctrl-C."""
+    """Check the settings, run the API and control-loop threads until SIGTERM or Ctrl-C."""
     settings.exit_if_wrong()  # one line per bad setting, exit status 2: nothing starts
     server = machinery.quiet_server(api, API_HOST, API_PORT)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},

@@ -364,6 +364,21 @@ class TickLog:
         if len(lines) < MAX_LINES_KEPT:  # the page's copy is bounded; the log has every line
             lines.append(text.strip())
 
+    def say_node(self, node, condition, answer, in_grace):
+        """Step 1's line for one node: what it runs, or why it is not Ready.
+
+        condition: (Ready | NotReady | Unknown, reason); answer: (names, truncated) or the
+        error; in_grace: (silent for, eviction in) for a silent node in its grace period."""
+        state, reason = condition
+        if in_grace:
+            self.say("node_waiting", node=node, silent=in_grace[0], left=in_grace[1])
+        elif state != "Ready":
+            self.say("node_down" if state == "Unknown" else "node_not_ready", node=node, reason=reason)
+        elif answer[0]:
+            self.say("node_up", node=node, containers=self.listing(*answer))
+        else:
+            self.say("node_empty", node=node)
+
     def say_started(self, host, port, nodes, tick_seconds, token):
         """The controller's first line: where its API listens, its nodes, its tick."""
         self.say("started_token" if token else "started", host=f"[{host}]" if ":" in host else host,
@@ -420,15 +435,17 @@ class TickLog:
         if tick is not None:
             tick["steps"].append({"number": number, "title": title.strip(), "lines": []})
 
-    def end_tick(self, results, unscheduled, waiting, failed=None):
+    def end_tick(self, results, desired, waiting, failed=None):
         """Print the tick's verdict and keep the finished tick for the page.
 
-        results: {node: None, or why its actions failed}. Not converged: an action
-        failed, a container has no node, or the tick itself failed (`failed`). Waiting:
+        results: {node: None, or why its actions failed}; desired: {name: node or None}.
+        Not converged: an action failed, a container has no node, or the tick itself
+        failed (`failed`). Waiting:
         nothing failed, but a node is silent in its grace period (waiting: {node:
         (silent for, eviction in)}), so nobody knows what it runs. Converged: every
         action this tick sent worked (the next tick checks that they took)."""
         reasons = [f"{node}: {self.describe(error)}" for node, error in results.items() if error is not None]
+        unscheduled = [name for name, node in desired.items() if node is None]
         if unscheduled:
             reasons.append(self.message("unscheduled_reason",
                                         containers=self.count(len(unscheduled), "container")))
@@ -459,7 +476,7 @@ class TickLog:
             if self._open() is None:
                 self.begin_tick("start")  # it failed before it began
             self.say("tick_failed", error=self.describe(error))
-            self.end_tick({}, [], {}, failed=error)
+            self.end_tick({}, {}, {}, failed=error)
         except Exception:
             pass  # even the report failed: the loop goes on, /healthz tells
 
