@@ -97,8 +97,11 @@ def control_loop():
             return
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
-        seconds, trigger = when_to_tick_again(acted, trigger)
-        trigger = timer.sleep(seconds, trigger)  # sooner on an API change; never while paused
+        seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
+        # timer.sleep returns `trigger` after `seconds`; sooner "wake" if the API changed
+        # something (even during the tick), "step" if the teacher stepped; while the teacher
+        # has paused the loop it waits for step or resume; at SIGTERM or Ctrl-C, None.
+        trigger = timer.sleep(seconds, trigger)
         if trigger is None:  # SIGTERM or Ctrl-C
             return
 
@@ -116,7 +119,7 @@ def run_tick(trigger, failing):
     observed = get_current_state(failing)
 
     log.begin_step(2)  # READ what the users declared (the API server's objects)
-    desired = get_desired_state()
+    desired = get_desired_state()  # what the file declares: {name: node or None}
 
     log.begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
     # A node in its grace period keeps its containers: it may only be cut off.
@@ -126,16 +129,17 @@ def run_tick(trigger, failing):
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, observed.live_nodes)
     explain_schedule(placements, desired)
-    # Steps 3 and 4 decided on a copy: write their decisions into the file, and go on with
-    # what the file declares now (the API may have changed it meanwhile).
+    # Steps 3 and 4 changed a copy: write their decisions into the file, and go on with what
+    # the file declares now (the API may have changed it meanwhile).
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (a controller's sync; the kubelet acts)
     acted, results = reconcile(observed, desired, failing)
     failing = still_failing(failing, results)
 
-    # The verdict: ✅ if every action worked, every container has a node and no node is
-    # silent in its grace period (nobody knows what it runs); else ❌ or ⏳, saying why.
+    # The verdict: ❌ Not converged if an action failed or a container has no node (it says
+    # which); else ⏳ Waiting if a node is silent in its grace period (nobody knows what it
+    # runs); else ✅ Converged: every action sent worked (the next tick checks they took).
     log.end_tick(results, desired, observed.in_grace)
     return acted, failing
 
@@ -143,7 +147,7 @@ def run_tick(trigger, failing):
 # --- The five steps: ask the nodes, read the file, tell the class ------------
 class Observation(NamedTuple):
     """What step 1 saw."""
-    running: dict     # node -> the names in its file, for every node that answered
+    running: dict     # node -> the names in its file, for each node that answered (NotReady too)
     live_nodes: list  # the Ready nodes: they keep and get containers
     in_grace: dict    # Unknown nodes in their grace period: node -> (silent for, eviction in)
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
@@ -158,7 +162,9 @@ def get_current_state(failing):
 
     A node that does not answer is Unknown; one that answers but fails, or whose last
     actions failed (`failing`), is NotReady: facts to log, not errors."""
-    # {node: (names, truncated), or the error: NodeError if its command failed, another if silent}
+    # {node: (names, truncated: longer than the 1 MiB we read), or the error: a NodeError if
+    # it answered but its command failed (no sed, a directory instead of its file), another
+    # if it was silent (no answer within SSH_TIMEOUT, connection refused, unknown name)}
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
@@ -188,7 +194,8 @@ def get_desired_state():
 
 
 def explain_cleanup(orphans, observed):
-    """Log why each container lost its node (down, not ready, not a node); keep it for the page."""
+    """Log why each container lost its node (down: silent, its grace if any over; not ready;
+    not a node at all), and keep it for the page."""
     now = time.monotonic()
     for name, node in orphans:
         why = ("unknown_node" if node not in NODES
@@ -215,6 +222,7 @@ def reconcile(observed, desired, failing):
     plan = plan_reconcile(observed.running, desired, retry=failing)
     # One SSH command per node, all nodes at once: sed keeps only the lines of to_keep
     # (that is every stop at once; sed -i replaces the file whole), then to_start is appended.
+    # If a part fails, the node reports it; the next tick sees what its file lists then.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
@@ -379,7 +387,8 @@ def when_to_tick_again(acted, trigger):
 # blank lines and "# comments" too, so a teacher may edit it by hand. The API thread and the
 # loop both change it with desired_file.update(change, *args): under one lock, it reads the
 # file, runs change(desired, *args), writes the result and returns what change returned. A
-# teacher's editor takes no lock: update() replaces the file only if nobody saved it since.
+# teacher's editor takes no lock, so update() replaces the file only if it is still the
+# version it read (same inode, size and time); if not, it starts again from the new text.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -449,15 +458,6 @@ def list_containers():
     return jsonify(status.container_views(desired))
 
 
-@api.get("/api/containers/<name>")
-def get_container(name):
-    """GET /api/containers/<name>: one container, or 404."""
-    desired, _ = desired_file.read()
-    if name not in desired:
-        abort(404, f"no container named {name!r}")
-    return jsonify(status.container_views({name: desired[name]})[0])
-
-
 @api.delete("/api/containers/<name>")
 def delete_container(name):
     """DELETE /api/containers/<name>: forget a container; the woken loop stops it on its node."""
@@ -467,7 +467,8 @@ def delete_container(name):
 
 
 # The rest of the API is machinery: JSON errors, the token (checked before every write),
-# /api/nodes, /healthz, the teacher's /api/loop/pause|step|resume, the page, /api/state.
+# GET /api/containers/<name>, /api/nodes, /healthz, the teacher's /api/loop/pause|step|resume,
+# the classroom page and its /api/state.
 machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,

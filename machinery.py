@@ -30,7 +30,7 @@ import time
 from collections import deque
 
 import paramiko
-from flask import jsonify, request, send_file
+from flask import abort, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
@@ -1117,6 +1117,14 @@ def add_classroom_api(api, *, desired_file, status, log, timer, token, tick_seco
     def loop_status():
         """The loop's state: paused or not, when the next tick runs, how many ticks so far."""
         return {**timer.status(), "tick_seconds": tick_seconds, "tick_count": log.tick_count}
+
+    @api.get("/api/containers/<name>")
+    def get_container(name):
+        """GET /api/containers/<name>: one container, or 404."""
+        desired, _ = desired_file.read()
+        if name not in desired:
+            abort(404, f"no container named {name!r}")
+        return jsonify(status.container_views({name: desired[name]})[0])
 
     @api.get("/api/nodes")
     def list_nodes():
