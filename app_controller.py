@@ -128,7 +128,8 @@ def run_tick(trigger, failing):
 
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, observed.live_nodes)
-    explain_schedule(placements, desired)
+    unscheduled = [name for name, node in desired.items() if node is None]  # no live node
+    explain_schedule(placements, unscheduled)
     # Steps 3 and 4 changed a copy: write their decisions into the file, and go on with what
     # the file declares now (the API may have changed it meanwhile).
     desired = desired_file.update(apply_decisions, orphans, placements)
@@ -140,7 +141,7 @@ def run_tick(trigger, failing):
     # The verdict: ❌ Not converged if an action failed or a container has no node (it says
     # which); else ⏳ Waiting if a node is silent in its grace period (nobody knows what it
     # runs); else ✅ Converged: every action sent worked (the next tick checks they took).
-    log.end_tick(results, desired, observed.in_grace)
+    log.end_tick(results, unscheduled, observed.in_grace)
     return acted, failing
 
 
@@ -205,12 +206,12 @@ def explain_cleanup(orphans, observed):
                    silent_for=round(now - last_answered[node], 1) if node in NODES else None)
 
 
-def explain_schedule(placements, desired):
+def explain_schedule(placements, unscheduled):
     """Log where each container went, and those that found no live node."""
     for name, node, loads in placements:
         log.say("schedule", name=name, node=node)  # 📍 SCHEDULE: app1 → node-2
         log.record("schedule", name=name, node=node, loads=loads)
-    for name in [name for name, node in desired.items() if node is None]:
+    for name in unscheduled:
         log.say("unschedulable", name=name)  # ⏳ app7: no live node, stays unscheduled
 
 
@@ -473,8 +474,7 @@ machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,
     page=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html"))
-# The same cluster for the real kubectl (kubernetes_api.py), on the same port: a container
-# is a pod; `kubectl run` and `kubectl delete` go through declare() and forget(), like curl.
+# The same cluster for the real kubectl (kubernetes_api.py): kubectl run/delete use declare/forget.
 kubernetes_api.register(api, kubernetes_api.ControllerBackend(
     desired_file, status, log, timer, API_TOKEN, declare, forget))
 

@@ -435,17 +435,16 @@ class TickLog:
         if tick is not None:
             tick["steps"].append({"number": number, "title": title.strip(), "lines": []})
 
-    def end_tick(self, results, desired, waiting, failed=None):
+    def end_tick(self, results, unscheduled, waiting, failed=None):
         """Print the tick's verdict and keep the finished tick for the page.
 
-        results: {node: None, or why its actions failed}; desired: {name: node or None}.
-        Not converged: an action failed, a container has no node, or the tick itself
-        failed (`failed`). Waiting:
+        results: {node: None, or why its actions failed}; unscheduled: the names step 4
+        found no node for. Not converged: an action failed, a container has no node, or
+        the tick itself failed (`failed`). Waiting:
         nothing failed, but a node is silent in its grace period (waiting: {node:
         (silent for, eviction in)}), so nobody knows what it runs. Converged: every
         action this tick sent worked (the next tick checks that they took)."""
         reasons = [f"{node}: {self.describe(error)}" for node, error in results.items() if error is not None]
-        unscheduled = [name for name, node in desired.items() if node is None]
         if unscheduled:
             reasons.append(self.message("unscheduled_reason",
                                         containers=self.count(len(unscheduled), "container")))
@@ -476,7 +475,7 @@ class TickLog:
             if self._open() is None:
                 self.begin_tick("start")  # it failed before it began
             self.say("tick_failed", error=self.describe(error))
-            self.end_tick({}, {}, {}, failed=error)
+            self.end_tick({}, [], {}, failed=error)
         except Exception:
             pass  # even the report failed: the loop goes on, /healthz tells
 

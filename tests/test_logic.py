@@ -761,9 +761,9 @@ def verdicts(language, *ticks):
     """The verdict lines a TickLog prints for ticks given as end_tick()'s arguments."""
     log, lines = m.TickLog(language), []
     log.emit = lines.append
-    for results, desired, waiting in ticks:
+    for results, unscheduled, waiting in ticks:
         log.begin_tick("timer")
-        log.end_tick(results, desired, waiting)
+        log.end_tick(results, unscheduled, waiting)
     return [line.strip() for line in lines if line.startswith("\n") and line.strip()[:1] in "✅❌⏳"], log
 
 
@@ -772,7 +772,7 @@ def test_a_node_silent_in_its_grace_period_makes_the_verdict_waiting_not_converg
     for language, text in [
             ("en", "⏳ Waiting: node-1 silent, what it runs is unknown (eviction in 18 s)"),
             ("fr", "⏳ En attente : node-1 silencieux, ce qu'il exécute est inconnu (éviction dans 18 s)")]:
-        lines, log = verdicts(language, ({"node-2": None}, {"web": "node-2"}, silent))
+        lines, log = verdicts(language, ({"node-2": None}, [], silent))
         assert lines == [text]
         tick = log.recent_ticks()[-1]
         assert (tick["converged"], tick["outcome"], tick["waiting"], tick["verdict"]) == (
@@ -780,8 +780,8 @@ def test_a_node_silent_in_its_grace_period_makes_the_verdict_waiting_not_converg
 
 
 def test_a_failure_outranks_waiting_and_nothing_silent_is_converged():
-    lines, _ = verdicts("en", ({"node-2": m.NodeError("sed: disk full")}, {}, {"node-1": (1.0, 29.0)}),
-                        ({"node-2": None}, {"web": "node-2"}, {}), ({}, {"web": None}, {}))
+    lines, _ = verdicts("en", ({"node-2": m.NodeError("sed: disk full")}, [], {"node-1": (1.0, 29.0)}),
+                        ({"node-2": None}, [], {}), ({}, ["web"], {}))
     assert lines == ["❌ Not converged: node-2: sed: disk full", "✅ Converged",
                      "❌ Not converged: 1 container unscheduled"]
-    assert verdicts("fr", ({}, {}, {}))[0] == ["✅ Convergé"], "the original project's word"
+    assert verdicts("fr", ({}, [], {}))[0] == ["✅ Convergé"], "the original project's word"
