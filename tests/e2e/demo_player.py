@@ -56,6 +56,7 @@ class Player:
         self.terminals = {}
         self.marks = {}       # terminal -> how far its output was already matched
         self.output = []      # what the last commands block printed, line by line
+        self.errors = ""      # and on its standard error
         self.record = record  # a callable(text): print what each block saw, to write the docs
 
     def typed(self, text):
@@ -80,7 +81,10 @@ class Player:
             self.marks[block.terminal] = 0
             return
         result = self.stack.sh(self.typed(block.text), timeout=COMMAND_TIMEOUT)
-        self.output = (result.stdout + result.stderr).splitlines()
+        # What the teacher reads: its standard output (curl's progress meter, on stderr, shows
+        # only when the output is not a terminal, as here).
+        self.output = result.stdout.splitlines()
+        self.errors = result.stderr
         if self.record:
             self.record(f"--- demo {number}, line {block.line}: printed\n" + "\n".join(self.output))
 
@@ -90,7 +94,7 @@ class Player:
         if not block.terminal:
             _, missing = find_in_order(wanted, self.output)
             assert missing is None, (f"{where}: the commands printed no {missing!r}; they printed:\n"
-                                     + "\n".join(self.output))
+                                     + "\n".join(self.output) + "\n(stderr:)\n" + self.errors)
             return
         terminal = self.terminals.get(block.terminal)
         assert terminal is not None, f"{where}: no terminal {block.terminal!r} was started before"

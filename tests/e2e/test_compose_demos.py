@@ -1,9 +1,12 @@
-"""End to end: the classroom stack on a real Docker engine, every demo of the seed verbatim.
+"""End to end: the classroom stack on a real Docker engine, and the original project's demos.
 
-Each test types the README's commands (curl, docker exec/stop/start, docker compose) in a
-shell, then checks what runs inside each node container (/app/nodes/<node>_running.txt,
-read with `docker exec`) and what the controller printed. Timeouts are generous: these
-tests check behaviour, not speed; the durations they measure are printed at the end.
+Each demo test types the commands of the original project's README (duckConfKubernetes:
+curl, docker exec/stop/start, docker compose) in a shell, as its demos give them, then
+checks what runs inside each node container (/app/nodes/<node>_running.txt, read with
+`docker exec`) and what the controller printed, its French log word for word. This
+project's own demos, the lesson plan's, are played from the plan itself in
+test_lesson_demos.py. Timeouts are generous: these tests check behaviour, not speed; the
+durations they measure are printed at the end.
 """
 import os
 import re
@@ -24,7 +27,7 @@ NODE_STOP_LIMIT = 2.0  # seconds; the issue asks < 1 s: sshd as PID 1 exits on S
 CONTROLLER_STOP_LIMIT = 4.0  # < 2 s asked; the limits double it against a busy CI machine,
 #                              still far below the 10 s of a SIGKILL after an ignored SIGTERM.
 
-# The seed's demo commands, as a teacher types them (on PULL_MODE_PORT if it is not 8080).
+# The original project's demo commands, as its README gives them (on PULL_MODE_PORT if it is not 8080).
 def verbatim(command):
     return command.replace("localhost:8080", f"localhost:{PORT}")
 
@@ -384,9 +387,9 @@ def test_french_log_is_the_seeds_word_for_word(clean):
         stack.sh("docker compose up -d")  # back to the default language
 
 
-# --- the README's LAN section: a token for every write --------------------------------------
+# --- docs/opening-to-a-class.md: a token for every write -----------------------------------
 
-# As the README shows it, with the token in a shell variable (never in the URL).
+# As docs/opening-to-a-class.md shows it, with the token in a shell variable (never in the URL).
 POST_NGINX_WITH_TOKEN = verbatim("""curl -X POST http://localhost:8080/api/containers \\
   -H "Authorization: Bearer $API_TOKEN" \\
   -H "Content-Type: application/json" \\
@@ -429,7 +432,7 @@ def test_with_api_token_writes_need_the_bearer_header_and_reads_stay_open(clean)
         assert stack.container("controller").attrs["HostConfig"]["PortBindings"] == {
             "8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": PORT}]}
 
-        # The README's way to keep a token across `docker compose up`: a .env file.
+        # The documented way to keep a token across `docker compose up`: a .env file.
         kept = secrets.token_hex(16)
         stack.sh(f'echo "API_TOKEN={kept}" > .env')
         stack.sh("docker compose up -d")

@@ -43,8 +43,8 @@ def load_controller(directory, refuse_bad_settings=True, **settings):
         problem = f"{CONTROLLER} does not load: {error.msg}, line {error.lineno}:\n    {error.text}"
     except ModuleNotFoundError as error:
         problem = (f"{CONTROLLER} needs {error.name!r}, which this Python lacks: "
-                   "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt "
-                   "-r tests/requirements.txt (tests/exercises/check then uses .venv)")
+                   "python3 -m venv .venv && .venv/bin/pip install -r tests/exercises/requirements.txt "
+                   "(tests/exercises/check then uses .venv)")
     except Exception as error:
         problem = (f"{CONTROLLER} does not load: {type(error).__name__}: {error}\n"
                    "(run `python app_controller.py` to see where)")
