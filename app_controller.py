@@ -98,9 +98,8 @@ def control_loop():
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # timer.sleep returns `trigger` after `seconds`; sooner "wake" if the API changed
-        # something (even during the tick), "step" if the teacher stepped; while the teacher
-        # has paused the loop it waits for step or resume; at SIGTERM or Ctrl-C, None.
+        # timer.sleep returns `trigger` after `seconds`, sooner "wake" (an API change, even
+        # during the tick) or "step" (the teacher); paused, it waits for step or resume; or None.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:  # SIGTERM or Ctrl-C
             return
@@ -110,12 +109,12 @@ def run_tick(trigger, failing):
     """One tick: the five steps. Returns (whether it started or stopped something, failing).
 
     A node is NotReady when a command fails *on* it (a full disk), not by silence: this
-    tick's read (step 1), or its last actions, which `failing` carries from tick to tick.
-    Step 3 moves a NotReady node's containers away; step 5 retries a failing node even with
-    nothing to do, to see whether it works again; still_failing() then updates `failing`."""
+    tick's read (step 1), or its last actions, carried from tick to tick in `failing`. Step 3
+    moves a NotReady node's containers away; step 5 retries a failing node that answered,
+    even with nothing to do, to see whether it works again; still_failing() updates `failing`."""
     log.begin_tick(trigger)
 
-    log.begin_step(1)  # OBSERVE what really runs (the kubelets report it)
+    log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
     observed = get_current_state(failing)
 
     log.begin_step(2)  # READ what the users declared (the API server's objects)
@@ -351,7 +350,8 @@ def grace_periods(conditions, last_answered, now, grace):
     """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
 
     A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So, as Kubernetes does, we wait (a crash costs `grace` seconds)."""
+    would run them twice. So, as Kubernetes does, we wait (a crash costs `grace` seconds); the
+    first tick that hears from it again finds it Ready, with its containers still assigned."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -373,11 +373,9 @@ def still_failing(failing, results):
 
 
 def when_to_tick_again(acted, trigger):
-    """(seconds to sleep, why the next tick will run): the whole requeue rule.
-
-    A tick that started or stopped something is checked REQUEUE_SECONDS later, once: if the
-    check acts again, the timer decides, so a node that keeps changing cannot make the loop
-    spin. An API change wakes the loop at once (a watch); the timer ticks anyway (a resync)."""
+    """(seconds to sleep, why the next tick will run): the whole requeue rule. A tick that
+    started or stopped something is checked REQUEUE_SECONDS later, once: if the check acts
+    again, the timer decides, so a node that keeps changing cannot make the loop spin."""
     if acted and trigger != "requeue":
         return REQUEUE_SECONDS, "requeue"
     return TICK_SECONDS, "timer"
@@ -390,6 +388,7 @@ def when_to_tick_again(acted, trigger):
 # file, runs change(desired, *args), writes the result and returns what change returned. A
 # teacher's editor takes no lock, so update() replaces the file only if it is still the
 # version it read (same inode, size and time); if not, it starts again from the new text.
+# (An editor saving an older copy later simply wins: the next tick decides again from it.)
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -416,6 +415,7 @@ desired_file = machinery.DesiredStateFile(DESIRED_STATE_FILE, parse_desired_stat
 
 
 # --- The REST API: it only changes desired_state.txt and wakes the loop ------
+# With API_TOKEN set, machinery answers 401 to a write without the token before these run.
 api = Flask(__name__)
 
 
@@ -435,8 +435,8 @@ def forget(desired, name):
 
 @api.post("/api/containers")
 def create_container():
-    """POST /api/containers {"name": "nginx"}: declare a container (201) and wake the loop, which
-    schedules it ("nginx:node-2") and starts it; its check tick then sees it running."""
+    """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its view
+    (unscheduled). The woken tick places ("nginx:node-2") and starts it; its check sees it."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
     if not isinstance(body, dict):
         abort(400, 'the body must be a JSON object, like {"name": "nginx"}')

@@ -81,6 +81,8 @@ for (const row of document.querySelectorAll('#containers tr[data-container]'))
 const intruders = [...document.querySelectorAll('#containers tr[data-intruder]')].map(r => r.dataset.intruder);
 const ticks = [...document.querySelectorAll('#ticks [data-tick]')].map(t => ({
   number: +t.dataset.tick, mode: t.dataset.mode, converged: t.dataset.converged === 'true',
+  waiting: t.dataset.waiting === 'true', verdict: t.querySelector('.verdict').textContent,
+  verdict_color: getComputedStyle(t.querySelector('.verdict')).color,
   steps: [...t.querySelectorAll('[data-step]')].map(s => +s.dataset.step)}));
 const loop = one('#loop').dataset;
 return {nodes, containers, intruders, ticks, paused: loop.paused === 'true', tick_count: +loop.tickCount,
@@ -671,6 +673,11 @@ def test_grace_period_counts_down_and_a_node_back_in_time_moved_nothing(driver, 
         row = driver.find_element(By.CSS_SELECTOR, '#containers tr[data-container="app1"]').text
         assert f"{victim} does not answer: eviction in" in row
         wait_until(lambda: (eviction_seconds(driver, victim) or first) < first, what="the countdown going down")
+        # The newest tick does not say "Converged": it says what it waits for, in amber.
+        newest = page.wait_for(lambda s: s["ticks"] and s["ticks"][0]["waiting"],
+                               "a waiting tick on the page")["ticks"][0]
+        assert newest["verdict"].startswith(f"⏳ Waiting: {victim} silent") and not newest["converged"]
+        assert newest["verdict_color"] == "rgb(138, 90, 0)", newest  # --wait (#8a5a00), not ✅'s green
         page.screenshot("grace")
 
         cluster[victim].start()

@@ -79,7 +79,7 @@ def test_the_demo_shows_what_the_plan_says(player, number):
         lines = log_lines(player)
         # The short partition, from the cut to node-2's answer: nothing moved or started.
         short = between(lines, r"node-2: unavailable for", r"✓ node-2: app7, app8")
-        assert not [line for line in short if re.search("CLEANUP|SCHEDULE|START|STOP", line)], short
+        assert not [line for line in short if re.search("💀 CLEANUP:|📍 SCHEDULE:|▶ START:|◼ STOP:", line)], short
         # The watch of demo 5 ended when the controller was recreated, quietly (exit 0).
         watch = player.terminals["kubectl"].process
         wait_until(lambda: watch.poll() is not None, "kubectl's watch ends", timeout=30)
