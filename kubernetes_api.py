@@ -401,9 +401,16 @@ def condition(kind, status, since, reason=None, message=None):
     return entry
 
 
-def pod_status(container, since):
-    """A pod's status: phase, conditions and its one container's state, from the backend's word."""
+def pod_status(container, since, a_node_is_live=False):
+    """A pod's status: phase, conditions and its one container's state, from the backend's word.
+
+    An unscheduled pod is Unschedulable only when no node is live: with one, it is simply
+    not placed yet (the loop places it at its next tick, or at the teacher's next step)."""
     name, node, status = container["name"], container["node"], container["status"]
+    if status == "unscheduled" and a_node_is_live:
+        return {"phase": "Pending", "qosClass": "BestEffort", "conditions": [
+            condition("PodScheduled", "False", since, None,
+                      "not placed yet: the loop places it at its next tick")]}
     if status == "unscheduled":
         return {"phase": "Pending", "qosClass": "BestEffort", "conditions": [
             condition("PodScheduled", "False", since, "Unschedulable",
@@ -428,7 +435,7 @@ def pod_status(container, since):
             "containerStatuses": [container_status], "startTime": timestamp(since)}
 
 
-def pod_object(container, uid, created, since, host_ip=None):
+def pod_object(container, uid, created, since, host_ip=None, a_node_is_live=False):
     """A v1 Pod for one container, on the node at host_ip (resourceVersion is added when stored)."""
     spec = {"containers": [{"name": container["name"], "image": SIMULATED_IMAGE}],
             "restartPolicy": "Always", "schedulerName": "pull-mode"}
@@ -440,7 +447,7 @@ def pod_object(container, uid, created, since, host_ip=None):
     return {"kind": "Pod", "apiVersion": "v1",
             "metadata": {"name": container["name"], "namespace": NAMESPACE, "uid": uid,
                          "creationTimestamp": timestamp(created)},
-            "spec": spec, "status": dict(pod_status(container, since), **host)}
+            "spec": spec, "status": dict(pod_status(container, since, a_node_is_live), **host)}
 
 
 # A node has no measured size here; kubectl describe node needs one to print "0 (0%)".
@@ -612,6 +619,7 @@ class KubernetesAPI:
             nodes = self.backend.nodes()
             now = time.time()
             hosts = {node["name"]: host_of(node["address"]) for node in nodes}
+            a_node_is_live = any(node["condition"] == "Ready" for node in nodes)
             seen = set()
             for container in containers:
                 key = ("Pod", container["name"])
@@ -622,7 +630,7 @@ class KubernetesAPI:
                     container["status"]] and field_value(previous, "spec.nodeName") == (container["node"] or "")
                 since = self.since_of(previous) if same_state else now  # when its current state began
                 host_ip = hosts.get(container["node"])
-                self.store(key, pod_object(container, uid, created, since, host_ip))
+                self.store(key, pod_object(container, uid, created, since, host_ip, a_node_is_live))
             for node in nodes:
                 key = ("Node", node["name"])
                 seen.add(key)

@@ -740,6 +740,29 @@ def test_describe_pod_events_follow_the_loops_decisions_through_a_node_failure(
     assert curl_containers(ctl)["web"]["node"] == second
 
 
+def test_an_intruder_is_no_pod_and_shows_only_in_its_nodes_annotation_until_stopped(ctl, nodes, kubectl):
+    """Loop paused, a line nobody declared appended to node-1's file: one step observes it and
+    stops it; kubectl lists no such pod, describe node node-1 shows it in pull-mode/running (the
+    observation); the next step's observation no longer has it."""
+    pause_loop(ctl)
+    with open(nodes["node-1"].state_file, "a") as file:  # docker exec ... echo intruder >> ...
+        file.write("intruder\n")
+
+    mark = ctl.mark()
+    assert ctl.post("/api/loop/step")[0] == 200
+    ctl.wait_ticks(1, after=mark)
+
+    assert ctl.find_lines(line("  ◼ STOP: intruder on node-1"), after=mark)
+    assert nodes["node-1"].running == []
+    assert kubectl("get", "pods").stderr == "No resources found in default namespace.\n"
+    assert "Annotations:        pull-mode/running: intruder" in kubectl("describe", "node", "node-1").stdout
+    mark = ctl.mark()
+    assert ctl.post("/api/loop/step")[0] == 200
+    ctl.wait_ticks(1, after=mark)
+    annotations = kubectl.json("get", "node", "node-1")["metadata"]["annotations"]
+    assert annotations == {"pull-mode/running": ""}
+
+
 # ----------------------------------------------------------------------------
 # 4. Nodes: Ready, NotReady, Unknown (above), describe node
 # ----------------------------------------------------------------------------
