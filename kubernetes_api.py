@@ -601,7 +601,7 @@ class KubernetesAPI:
         self.objects = {}  # (kind, name) -> the object as last shown, with its resourceVersion
         self.history = deque()  # (version, type, old object or None, new object or None)
         self.forgotten_up_to = self.version  # a watch from a version before this cannot be replayed
-        self.watcher_threads = set()  # the threads streaming a watch right now (for tests, and /healthz)
+        self.watcher_threads = set()  # the threads streaming a watch right now (end_watches waits for them)
         self.closing = False  # set when the process ends: every watch ends its stream properly
 
     # -- the view of the cluster ----------------------------------------------
@@ -852,11 +852,6 @@ class KubernetesAPI:
             self.condition.notify_all()
             while self.watcher_threads and time.monotonic() < deadline:
                 self.condition.wait(max(0.0, deadline - time.monotonic()))
-
-    def active_watchers(self):
-        """How many watches are streaming now (each holds one server thread)."""
-        with self.condition:
-            return len(self.watcher_threads)
 
     # -- writes -------------------------------------------------------------------
 

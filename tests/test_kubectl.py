@@ -1249,6 +1249,43 @@ def test_a_minimal_kubeconfig_points_kubectl_at_the_controller_without_s(ctl, ku
     assert result.stdout.split() == ["node/node-1", "node/node-2", "node/node-3"]
 
 
+def test_the_one_line_kubeconfig_of_docs_kubectl_md_works_as_written(ctl, kubectl_path, tmp_path):
+    """docs/kubectl.md's 'Getting started' block, typed as it is (on the controller's port
+    instead of 9090): the kubeconfig it writes sends every kubectl of that shell there."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "kubectl.md").read_text(encoding="utf-8")
+    block = docs.split("## Getting started", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.strip().splitlines()
+    assert lines[0].startswith("kubectl -s http://localhost:9090 get pods"), lines
+    port = ctl.base_url.rsplit(":", 1)[1]
+    script = "\n".join(lines[1:]).replace("localhost:9090", f"127.0.0.1:{port}")
+    kubectl = Kubectl(kubectl_path, tmp_path / "kube", server=None)
+    shell = subprocess.run(["bash", "-c", script + "\nkubectl get nodes -o name"], cwd=tmp_path,
+                           env={**kubectl.env, "PATH": str(Path(kubectl_path).parent) + os.pathsep
+                                + kubectl.env["PATH"]},
+                           capture_output=True, text=True, timeout=2 * WAIT)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.split() == ["node/node-1", "node/node-2", "node/node-3"]
+    assert (tmp_path / "pull-mode.kubeconfig").is_file(), "it wrote the file the docs name"
+
+
+def test_kubectl_get_events_lists_the_loops_decisions(ctl, kubectl_path, tmp_path):
+    """kubectl get events: the decisions the loop made about a pod (Scheduled, Started), and
+    each node's Ready condition (NodeReady)."""
+    kubectl = Kubectl(kubectl_path, tmp_path / "kube", ctl.base_url)
+    kubectl("run", "evented", "--image=nginx")
+    try:
+        wait_running(ctl, "evented")
+        events = wait_until(lambda: [row for row in kubectl.table("get", "events")
+                                     if row["OBJECT"] == "pod/evented"] or None,
+                            WAIT, what="the pod's events")
+        assert [row["REASON"] for row in events] == ["Scheduled", "Started"], events
+        node = ctl.get("/api/containers/evented")[1]["node"]
+        assert events[0]["MESSAGE"].startswith(f"Successfully assigned default/evented to {node}")
+        assert events[1]["MESSAGE"] == f"Started evented on {node}"
+    finally:
+        kubectl("delete", "pod", "evented")
+
+
 class PortTaken(Exception):
     """The controller could not listen on its port (someone took it meanwhile)."""
 
