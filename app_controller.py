@@ -29,12 +29,13 @@ compares again and corrects.
 
 Words. A "container" is simulated: node N runs the names listed, one per line, in its file
 N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
-declared; a zombie, a container still on a node it was moved away from. A node is Ready (it
-answers and works), NotReady (it answers, but fails) or Unknown (silent: a crashed node and a
-cut cable look the same); the live nodes are the Ready ones. Left out: real containers, etcd,
-leader election, heartbeats. machinery.py holds what only makes this file robust (settings,
-SSH connections, safe writes, the log's words, the page's data) behind names that say what
-they do: you need not read it. kubernetes_api.py lets the real kubectl see the same cluster.
+declared; a zombie, one still listed by a node that was away while it moved (a stopped node
+keeps its file, as a machine keeps its disk). A node is Ready (it answers and works),
+NotReady (it answers, but fails) or Unknown (silent: a crashed node and a cut cable look the
+same); the live nodes are the Ready ones. Left out: real containers, etcd, leader election,
+heartbeats. machinery.py holds what only makes this file robust (settings, SSH connections,
+safe writes, the log's words, the page's data) behind names that say what they do: you need
+not read it. kubernetes_api.py lets the real kubectl see the same cluster.
 """
 
 import os
@@ -75,8 +76,7 @@ API_PORT = settings.port("API_PORT", 8080)
 API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
-# The machinery: the log (printed, and kept for the page), the nodes over SSH, their last
-# status, the loop's alarm clock (woken by the API, paused by the teacher).
+# The machinery's objects: the log (also kept for the page), the nodes, their status, a clock.
 shutting_down = threading.Event()  # set by SIGTERM or Ctrl-C
 log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
@@ -98,8 +98,8 @@ def control_loop():
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # timer.sleep returns `trigger` after `seconds`, sooner "wake" (an API change, even
-        # during the tick) or "step" (the teacher); paused, it waits for step or resume; or None.
+        # timer.sleep returns `trigger` after `seconds`, or sooner "wake" (an API change, even
+        # during the tick; resume) or "step". Paused, an API change waits; at shutdown, None.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:  # SIGTERM or Ctrl-C
             return
@@ -108,10 +108,11 @@ def control_loop():
 def run_tick(trigger, failing):
     """One tick: the five steps. Returns (whether it started or stopped something, failing).
 
-    A node is NotReady when a command fails *on* it (a full disk), not by silence: this
-    tick's read (step 1), or its last actions, carried from tick to tick in `failing`. Step 3
-    moves a NotReady node's containers away; step 5 retries a failing node that answered,
-    even with nothing to do, to see whether it works again; still_failing() updates `failing`."""
+    A node is NotReady when a command fails *on* it, not by silence: this tick's read (no sed,
+    a directory instead of its file), or its last actions (a full disk fails every write, the
+    retries too, until space is freed), carried from tick to tick in `failing`. Step 3 moves
+    a NotReady node's containers away; step 5 retries a failing node whose read works, even
+    with nothing to do, to see whether it works again; still_failing() updates `failing`."""
     log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
@@ -194,8 +195,7 @@ def get_desired_state():
 
 
 def explain_cleanup(orphans, observed):
-    """Log why each container lost its node (down: silent, its grace if any over; not ready;
-    not a node at all), and keep it for the page."""
+    """Log why each container lost its node (down, not ready, not a node); keep it for the page."""
     now = time.monotonic()
     for name, node in orphans:
         why = ("unknown_node" if node not in NODES
@@ -217,12 +217,12 @@ def explain_schedule(placements, unscheduled):
 def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
-    A NotReady node is acted on too: what still runs there is stopped. Returns (whether
-    anything was started or stopped, {node: None, or the error}); a failure is retried."""
+    A NotReady node whose read worked is acted on too: what still runs there is stopped.
+    Returns (whether anything was started or stopped, {node: None, or the error})."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
     # One SSH command per node, all nodes at once: sed keeps only the lines of to_keep
     # (that is every stop at once; sed -i replaces the file whole), then to_start is appended.
-    # If a part fails, the node reports it; the next tick sees what its file lists then.
+    # A failed sed -i leaves the file as it was; if only the append fails, the stops are done.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
