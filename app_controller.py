@@ -98,8 +98,9 @@ def control_loop():
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # timer.sleep returns `trigger` after `seconds`, or sooner "wake" (an API change, even
-        # during the tick; resume) or "step". Paused, an API change waits; at shutdown, None.
+        # timer.sleep returns `trigger` after `seconds`, or sooner: "wake" when the API changed
+        # something (a change made during the tick is kept: it returns at once) or on resume,
+        # "step" for the teacher's step; while paused, only step or resume end it; at exit, None.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:  # SIGTERM or Ctrl-C
             return
@@ -139,8 +140,9 @@ def run_tick(trigger, failing):
     failing = still_failing(failing, results)
 
     # The verdict: ❌ Not converged if an action failed or a container has no node (it says
-    # which); else ⏳ Waiting if a node is silent in its grace period (nobody knows what it
-    # runs); else ✅ Converged: every action sent worked (the next tick checks they took).
+    # which); else ⏳ Waiting while a node is silent in its grace period (nobody knows what it
+    # runs); else ✅ Converged: every action sent worked. A node left alone (its containers
+    # moved: silent past its grace, or its read failing) does not count against it.
     log.end_tick(results, unscheduled, observed.in_grace)
     return acted, failing
 
@@ -163,9 +165,8 @@ def get_current_state(failing):
 
     A node that does not answer is Unknown; one that answers but fails, or whose last
     actions failed (`failing`), is NotReady: facts to log, not errors."""
-    # {node: (names, truncated: longer than the 1 MiB we read), or the error: a NodeError if
-    # it answered but its command failed (no sed, a directory instead of its file), another
-    # if it was silent (no answer within SSH_TIMEOUT, connection refused, unknown name)}
+    # {node: (names, truncated: over the 1 MiB we read), or the error: a NodeError if it answered
+    # but its command failed (no sed, a directory for its file), another if silent (a timeout)}
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
@@ -186,8 +187,7 @@ def get_current_state(failing):
 
 
 def get_desired_state():
-    """Step 2, read: what desired_state.txt declares, {name: node or None}. Bad lines are
-    logged and skipped: a typo in a hand edit must not stop the loop."""
+    """Step 2, read: what desired_state.txt declares. A bad line is logged and skipped, not fatal."""
     desired, problems = desired_file.read()
     log.say_bad_lines(problems, os.path.basename(DESIRED_STATE_FILE))
     log.say("declared_count", containers=log.count(len(desired), "container"))
