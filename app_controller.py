@@ -187,7 +187,7 @@ def get_current_state(failing):
 
 
 def get_desired_state():
-    """Step 2, read: what desired_state.txt declares. A bad line is logged and skipped, not fatal."""
+    """Step 2, read what desired_state.txt declares; a bad line is logged and skipped."""
     desired, problems = desired_file.read()
     log.say_bad_lines(problems, os.path.basename(DESIRED_STATE_FILE))
     log.say("declared_count", containers=log.count(len(desired), "container"))

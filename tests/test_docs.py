@@ -134,8 +134,9 @@ def log_templates(language):
             pattern += re.escape(literal)
             if field is not None:
                 pattern += f"(?P<{field}>.+?)"
-        templates.append((key, re.compile(pattern + "$")))
-    return templates
+        templates.append((key, re.compile(pattern + "$"), len(re.sub(r"\{[^}]*\}", "", template))))
+    # The most words first: "TICK - {time} (woken by an API change)" before "TICK - {time}".
+    return [(key, pattern) for key, pattern, _ in sorted(templates, key=lambda t: -t[2])]
 
 
 ENGLISH, FRENCH = machinery.TickLog("en"), machinery.TickLog("fr")
@@ -186,6 +187,7 @@ def test_the_translation_of_a_log_line_is_the_french_log():
     assert in_french("   → 1 container running on 3 nodes") == "   → 1 containers tournent sur 3 noeuds"
     assert in_french("  ▶ START: app1 on node-2") == "  ▶ START: app1 sur node-2"
     assert in_french("✅ Converged") == "✅ Convergé"
+    assert in_french("TICK - 21:43:40 (woken by an API change)") == "TICK - 21:43:40 (réveillé par l'API)"
     assert in_french('{"name": "nginx"}') == '{"name": "nginx"}', "not a log line: as it is"
     assert in_french("⏳ Waiting: node-2 silent, what it runs is unknown (eviction in 22 s)") == \
         "⏳ En attente : node-2 silencieux, ce qu'il exécute est inconnu (éviction dans 22 s)"

@@ -1,4 +1,5 @@
-"""End to end: the lesson plan's demos, played from docs/lesson-plan.md's own blocks.
+"""End to end: the lesson plan's demos, played from docs/lesson-plan.md's own blocks, and the
+French plan's, docs/lesson-plan.fr.md, on a stack whose .env says LOG_LANG=fr as it advises.
 
 Each test plays one demo of the plan on the compose stack, in the plan's order, as a teacher
 types it: its commands in bash, its other terminals (the log loop, the kubectl watch) left
@@ -21,29 +22,44 @@ from test_compose_demos import api_names, placement, runs_exactly_once, wait_unt
 
 PLAN = REPO / "docs" / "lesson-plan.md"
 DEMOS = demos(PLAN.read_text(encoding="utf-8"))
+PLAN_FR = REPO / "docs" / "lesson-plan.fr.md"
+DEMOS_FR = demos(PLAN_FR.read_text(encoding="utf-8"))
 ALL_APPS = [f"app{i}" for i in range(1, 9)]
 
 
-@pytest.fixture(scope="module")
-def player(built_stack, tmp_path_factory):
+def before_class(stack, tmp_path_factory, settings=""):
     """The stack as a teacher finds it before class: down, empty nodes/, the checkout's
-    desired_state.txt; kubectl on the PATH with no kubeconfig at all (it goes to
-    localhost:8080, or to KUBERNETES_MASTER when the tests run the API on another port)."""
-    stack = built_stack
+    desired_state.txt, the class's .env; kubectl on the PATH with no kubeconfig at all (it
+    goes to localhost:8080, or to KUBERNETES_MASTER when the tests use another port)."""
     stack.sh("docker compose down -v --remove-orphans --timeout 5")
     for path in (stack.directory / "nodes").glob("*_running.txt"):
         path.unlink()
     (stack.directory / "desired_state.txt").write_bytes((REPO / "desired_state.txt").read_bytes())
+    env_file = stack.directory / ".env"
+    if settings:
+        env_file.write_text(settings)
+    elif env_file.exists():
+        env_file.unlink()
     kube = tmp_path_factory.mktemp("kube")
     stack.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + stack.env["PATH"]
     stack.env["KUBECONFIG"] = str(kube / "no-kubeconfig")  # absent: kubectl's defaults
     stack.env["KUBECACHEDIR"] = str(kube / "cache")
     if PORT != "8080":
         stack.env["KUBERNETES_MASTER"] = f"http://localhost:{PORT}"
-    played = Player(stack, PORT)
-    yield played
+    return Player(stack, PORT)
+
+
+def after_class(stack, played):
     played.close()
-    stack.sh("docker compose down -v --remove-orphans --timeout 5", check=False)
+    stack.sh("docker compose down -v --remove-orphans --timeout 5; rm -f .env", check=False)
+
+
+@pytest.fixture(scope="module")
+def player(built_stack, tmp_path_factory):
+    """The English plan's class."""
+    played = before_class(built_stack, tmp_path_factory)
+    yield played
+    after_class(built_stack, played)
 
 
 def log_lines(player):
@@ -96,3 +112,18 @@ def test_the_demo_shows_what_the_plan_says(player, number):
     if number == 8:
         wait_until(lambda: runs_exactly_once(player.stack, ALL_APPS), "each app once, at the end")
         assert requests.get(f"{API}/api/loop", timeout=5).json()["paused"] is False
+
+
+@pytest.fixture(scope="module")
+def player_fr(built_stack, tmp_path_factory, player):
+    """The French plan's class, after the English one (`player`): LOG_LANG=fr in .env."""
+    after_class(built_stack, player)
+    played = before_class(built_stack, tmp_path_factory, settings="LOG_LANG=fr\n")
+    yield played
+    after_class(built_stack, played)
+
+
+@pytest.mark.parametrize("number", sorted(DEMOS_FR), ids=lambda number: f"demo-{number}")
+def test_the_french_demo_shows_what_the_french_plan_says(player_fr, number):
+    title, blocks = DEMOS_FR[number]
+    player_fr.play(number, blocks)
