@@ -599,6 +599,7 @@ class KubernetesAPI:
         # any this run makes: a client that kept one gets 410 Gone, and lists again.
         self.version = int(time.time() * 1000)
         self.objects = {}  # (kind, name) -> the object as last shown, with its resourceVersion
+        self.signatures = {}  # (kind, name) -> the backend's words it was made from
         self.history = deque()  # (version, type, old object or None, new object or None)
         self.forgotten_up_to = self.version  # a watch from a version before this cannot be replayed
         self.watcher_threads = set()  # the threads streaming a watch right now (end_watches waits for them)
@@ -624,19 +625,31 @@ class KubernetesAPI:
             for container in containers:
                 key = ("Pod", container["name"])
                 seen.add(key)
+                host_ip = hosts.get(container["node"])
+                # What a pod is made of: unchanged, it is the object last shown, not rendered
+                # again (a tick then costs microseconds per pod, not a rendering of each).
+                signature = (container["node"], container["status"], host_ip, a_node_is_live)
+                if self.signatures.get(key) == signature:
+                    continue
+                self.signatures[key] = signature
                 previous = self.objects.get(key)
                 uid, created = self.identity(previous, now)
                 same_state = previous is not None and previous["status"]["phase"] == POD_PHASES[
                     container["status"]] and field_value(previous, "spec.nodeName") == (container["node"] or "")
                 since = self.since_of(previous) if same_state else now  # when its current state began
-                host_ip = hosts.get(container["node"])
                 self.store(key, pod_object(container, uid, created, since, host_ip, a_node_is_live))
             for node in nodes:
                 key = ("Node", node["name"])
                 seen.add(key)
+                signature = (node["condition"], node["reason"], node["since"], tuple(node["containers"]),
+                             node["address"])
+                if self.signatures.get(key) == signature:
+                    continue
+                self.signatures[key] = signature
                 uid, created = self.identity(self.objects.get(key), now)
                 self.store(key, node_object(node, uid, created))
             for key in [key for key in self.objects if key not in seen]:
+                self.signatures.pop(key, None)
                 self.record("DELETED", self.objects.pop(key), None)
             self.condition.notify_all()
             return str(self.version)
