@@ -150,7 +150,7 @@ def run_tick(trigger, failing):
 # --- The five steps: ask the nodes, read the file, tell the class ------------
 class Observation(NamedTuple):
     """What step 1 saw."""
-    running: dict     # node -> the names in its file, for each node that answered (NotReady too)
+    running: dict     # node -> the names in its file, for each node whose read worked
     live_nodes: list  # the Ready nodes: they keep and get containers
     in_grace: dict    # Unknown nodes in their grace period: node -> (silent for, eviction in)
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)

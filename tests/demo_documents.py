@@ -60,10 +60,8 @@ def demos(markdown):
         fence = FENCE_OPEN.match(line)
         if fence:
             language, terminal = fence.group(1), fence.group(2) or ""
-            kind = "commands" if language == "bash" else "expected" if language == "text" else None
+            kind = {"bash": "commands", "text": "expected"}.get(language, "other")
             block = Block(kind, terminal, [], number)
-            if kind is None:
-                block = Block("other", terminal, [], number)
             continue
         heading = DEMO_HEADING.match(line)
         if heading:

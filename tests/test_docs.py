@@ -23,10 +23,14 @@ LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^(#{1,6}) +(.+?) *$", re.M)
 
 
+def without_code_fences(markdown):
+    """The text outside fenced code blocks (a "# comment" there is no heading)."""
+    return re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)
+
+
 def without_code(markdown):
     """The text outside fenced and inline code, where a link is a link."""
-    markdown = re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)
-    return re.sub(r"`[^`\n]*`", "", markdown)
+    return re.sub(r"`[^`\n]*`", "", without_code_fences(markdown))
 
 
 def anchors(markdown):
@@ -38,10 +42,6 @@ def anchors(markdown):
         seen[slug] = count + 1
         found.add(slug if count == 0 else f"{slug}-{count}")
     return found
-
-
-def without_code_fences(markdown):
-    return re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)
 
 
 def relative_links(document):
