@@ -2,8 +2,9 @@
 
 You declare what should run (desired_state.txt, through a REST API), and a loop keeps
 comparing it with what really runs on the nodes and acts on the difference, tick after
-tick. Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a
-missed event, a hand edit, a node dying behind our back are all seen at the next tick.
+tick. Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a missed
+event, a hand edit, a node dying behind our back are all seen at the next tick. Between
+ticks it remembers only when each node last answered and which nodes failed a write.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -11,31 +12,32 @@ missed event, a hand edit, a node dying behind our back are all seen at the next
         3. cleanup_dead_nodes()     unassign what sat on dead nodes    node lifecycle controller
         4. schedule()               place what has no node             kube-scheduler
         5. reconcile()              diff, then start and stop          a controller's sync
-        sleep TICK_SECONDS, or wake at once when the API changes something
+        sleep TICK_SECONDS (0.3 s after a tick that acted, to check it), or less if woken
 
 Push or pull? The talk this project grew from (github.com/silefort/duckConfKubernetes,
 whose five steps and French log it keeps: LOG_LANG=fr) compares two designs:
 
-               who says what should run     who changes a node     if an order gets lost
-    push       a central brain's orders     the brain, once        nobody notices
-    pull       declared objects             each node's agent      the agent redoes it
-    this file  desired_state.txt            this loop, over SSH    the next tick redoes it
+               the center keeps               who changes a node
+    push       orders ("start nginx there")   the center, once per order: a lost one is lost
+    pull       what should run (declared)     each node's own agent, again and again
+    this file  what should run (declared)     the center, this loop, again at every tick
 
 Kubernetes is pull: each node's kubelet watches the API server for the pods bound to that
-node and runs them. This file keeps the talk's name, pull-mode, and its declarative loop,
-but in one process: the nodes run no agent, so the loop reaches into each one itself, as a
-push brain would. What pull is about survives: nothing is sent once and trusted; every tick
-compares again and corrects.
+node and runs them. This file keeps what makes pull converge, a declared state compared
+again and again with what runs, so a lost action is redone; but the nodes run no agent (one
+process is one file to read), so the loop reaches into each node over SSH, as a push center
+would. It keeps the talk's name for it: pull-mode.
 
 Words. A "container" is simulated: node N runs the names listed, one per line, in its file
 N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
 declared; a zombie, one still listed by a node that was away while it moved (a stopped node
 keeps its file, as a machine keeps its disk). A node is Ready (it answers and works),
-NotReady (it answers, but fails) or Unknown (silent: a crashed node and a cut cable look the
-same); the live nodes are the Ready ones. Left out: real containers, etcd, leader election,
-heartbeats. machinery.py holds what only makes this file robust (settings, SSH connections,
-safe writes, the log's words, the page's data) behind names that say what they do: you need
-not read it. kubernetes_api.py lets the real kubectl see the same cluster.
+NotReady (it answers, but a command fails there) or Unknown (no command ran: no answer, a
+refusal, a bad key; a crashed node and a cut cable look the same); the live nodes are the
+Ready ones. Left out: real containers, etcd, leader election, heartbeats. machinery.py holds
+what only makes this file robust (settings, SSH connections, safe writes, the log's words,
+the page's data) behind names that say what they do: you need not read it, nor
+kubernetes_api.py, which shows the same cluster to the real kubectl.
 """
 
 import os
@@ -57,17 +59,16 @@ SSH_PORT = settings.port("SSH_PORT", 22)
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
-# One slow node must not freeze the lesson: past this many seconds it is down.
+# One slow node must not freeze the lesson: past this many seconds without an answer, Unknown.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
-# After a tick that acted, the next one comes this soon to check (a controller's requeue).
-REQUEUE_SECONDS = 0.3
-# How long a silent node keeps its containers. 0, the original project's choice: they move
-# at the first missed observation. Kubernetes waits 50 s, then 300 s more (its grace
-# period, then a toleration), because a crashed node and a cut cable look the same.
+REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
+# How long a silent node keeps its containers (a NotReady one answers: it gets none). 0, the
+# original project's choice: they move at the first missed observation. Kubernetes waits 50 s,
+# then 300 s more (grace period, toleration), since a crashed node and a cut cable look alike.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -88,7 +89,7 @@ timer = machinery.LoopTimer(shutting_down, log)
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    failing = {}       # node -> why its last actions failed there (see run_tick)
+    failing = {}       # node -> why its last write failed there: the loop's memory (still_failing)
     while True:
         acted = False
         try:
@@ -99,21 +100,17 @@ def control_loop():
             log.fail_tick(error)
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
         # timer.sleep returns `trigger` after `seconds`, or sooner: "wake" when the API changed
-        # something (a change made during the tick is kept: it returns at once) or on resume,
-        # "step" for the teacher's step; while paused, only step or resume end it; at exit, None.
+        # something (even during the tick) or on resume, "step" for the teacher's step; while
+        # paused, only step or resume end it (a wake waits for the resume); at exit, None.
         trigger = timer.sleep(seconds, trigger)
-        if trigger is None:  # SIGTERM or Ctrl-C
+        if trigger is None:
             return
 
 
 def run_tick(trigger, failing):
-    """One tick: the five steps. Returns (whether it started or stopped something, failing).
-
-    A node is NotReady when a command fails *on* it, not by silence: this tick's read (no sed,
-    a directory instead of its file), or its last actions (a full disk fails every write, the
-    retries too, until space is freed), carried from tick to tick in `failing`. Step 3 moves
-    a NotReady node's containers away; step 5 retries a failing node whose read works, even
-    with nothing to do, to see whether it works again; still_failing() updates `failing`."""
+    """One tick: the five steps. Returns (whether it started or stopped something, failing):
+    `failing`, the nodes whose last write failed, is updated by step 5 for the next step 1
+    (a full disk still reads fine: only a write shows it)."""
     log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
@@ -129,20 +126,22 @@ def run_tick(trigger, failing):
 
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, observed.live_nodes)
-    unscheduled = [name for name, node in desired.items() if node is None]  # no live node
+    unscheduled = [name for name, node in desired.items() if node is None]  # found no live node
     explain_schedule(placements, unscheduled)
     # Steps 3 and 4 changed a copy: write their decisions into the file, and go on with what
-    # the file declares now (the API may have changed it meanwhile).
+    # the file declares now (the API may have changed it meanwhile: a POST made during this
+    # tick is the next tick's to place, and its wake brings that tick at once).
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (a controller's sync; the kubelet acts)
     acted, results = reconcile(observed, desired, failing)
-    failing = still_failing(failing, results)
+    failing = still_failing(failing, results)  # the next tick's step 1 calls these NotReady
 
-    # The verdict: ❌ Not converged if an action failed or a container has no node (it says
-    # which); else ⏳ Waiting while a node is silent in its grace period (nobody knows what it
-    # runs); else ✅ Converged: every action sent worked. A node left alone (its containers
-    # moved: silent past its grace, or its read failing) does not count against it.
+    # The verdict: ❌ Not converged if an action failed (any error; a failing node's retry too,
+    # until it is repaired) or a container found no node; else ⏳ Waiting while a node is silent
+    # in its grace period (what it runs is unknown); else ✅ Converged: every action sent worked
+    # (the requeue tick sees them done). A node whose containers moved away (silent past grace,
+    # or its read failing) does not count against it.
     log.end_tick(results, unscheduled, observed.in_grace)
     return acted, failing
 
@@ -156,7 +155,7 @@ class Observation(NamedTuple):
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
 
-# Step 1's memory: when each node last answered. Its silence, and its grace, count from there.
+# Step 1's memory: when each node last answered (first, at start): its silence counts from there.
 last_answered = {node: time.monotonic() for node in NODES}
 
 
@@ -164,9 +163,9 @@ def get_current_state(failing):
     """Step 1, observe: ask every node, all at once, what it runs and how it is.
 
     A node that does not answer is Unknown; one that answers but fails, or whose last
-    actions failed (`failing`), is NotReady: facts to log, not errors."""
-    # {node: (names, truncated: over the 1 MiB we read), or the error: a NodeError if it answered
-    # but its command failed (no sed, a directory for its file), another if silent (a timeout)}
+    write failed (`failing`), is NotReady: facts to log, not errors."""
+    # {node: (names, truncated past 1 MiB), or the error: a NodeError if a command ran and failed
+    # (the read checks for sed, which writes need, and for a file), another if none ran}
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
@@ -240,7 +239,8 @@ def cleanup_dead_nodes(desired, holding_nodes):
     """Unassign every container whose node may no longer hold it. Returns (new desired, orphans).
 
     holding_nodes: the live nodes, and the silent ones still in their grace period.
-    An orphan is (name, the node it lost); step 4 places it again at once."""
+    An orphan is (name, the node it lost); step 4 places it again at once. (Kubernetes
+    never moves a pod: it deletes it, and its ReplicaSet makes a new one to schedule.)"""
     cleaned, orphans = {}, []
     for name, node in desired.items():
         if node is not None and node not in holding_nodes:
@@ -290,7 +290,7 @@ def apply_decisions(desired, orphans, placements):
 class NodePlan(NamedTuple):
     """What reconcile will do on one node."""
     to_start: list  # wanted, not running: a line to append
-    to_stop: list   # running, not wanted (intruders, zombies, garbage, duplicates): for the log
+    to_stop: list   # running, not wanted (intruders, zombies, other lines) or twice: for the log
     to_keep: list   # wanted and running once: the node's file keeps these lines, and only these
 
 
@@ -298,8 +298,9 @@ def diff_node(running, wanted):
     """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
 
     Anything running but not wanted is stopped: an intruder, or a zombie left by a node
-    that was down while its containers moved. A wanted container listed twice is stopped
-    and started once again. Keeping only `to_keep` also removes what we could not read."""
+    that was down while its containers moved. The node keeps or drops a line by its text
+    (sed), so a wanted name listed twice loses both lines and is appended once again: a
+    STOP and a START in the log. Keeping only `to_keep` also removes what we could not read."""
     # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
     listed = Counter(running)
     wanted_set = set(wanted)
@@ -384,11 +385,11 @@ def when_to_tick_again(acted, trigger):
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned);
 # blank lines and "# comments" too, so a teacher may edit it by hand. The API thread and the
-# loop both change it with desired_file.update(change, *args): under one lock, it reads the
-# file, runs change(desired, *args), writes the result and returns what change returned. A
-# teacher's editor takes no lock, so update() replaces the file only if it is still the
-# version it read (same inode, size and time); if not, it starts again from the new text.
-# (An editor saving an older copy later simply wins: the next tick decides again from it.)
+# loop both change it with desired_file.update(change, *args), which, under one lock, does
+#     desired = parse(file); result = change(desired, *args); write(desired); return result
+# and writes nothing if change raises (a 404, a 409). A teacher's editor takes no lock: the
+# write replaces the file only if it is the version read (same inode, size, time), else update
+# starts again from the new text. A later save of an older copy wins, as any last save does.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -467,9 +468,8 @@ def delete_container(name):
     return jsonify(name=name, node=node, deleted=True)
 
 
-# The rest of the API is machinery: JSON errors, the token (checked before every write),
-# GET /api/containers/<name>, /api/nodes, /healthz, the teacher's /api/loop/pause|step|resume,
-# the classroom page and its /api/state.
+# The rest of the API is machinery: JSON errors, the token, GET /api/containers/<name>,
+# /api/nodes, /healthz, the teacher's /api/loop/pause|step|resume, the page and /api/state.
 machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,
@@ -490,7 +490,7 @@ def main():
     loop = threading.Thread(target=control_loop, name="control-loop", daemon=True)
     loop.start()
     machinery.wait_for_a_stop_signal(shutting_down, timer)  # SIGTERM or Ctrl-C: the loop ends
-    loop.join(timeout=1)  # let a tick in progress finish; a hung one is abandoned
+    loop.join(timeout=1)  # a tick in progress has 1 s to finish; a slower one is abandoned
     nodes.close_all()
     server.shutdown()
     log.say("stopped")
