@@ -1,43 +1,42 @@
 """pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
 
 You declare what should run (desired_state.txt, through a REST API), and a loop keeps
-comparing it with what really runs on the nodes and acts on the difference, tick after
-tick. Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a missed
-event, a hand edit, a node dying behind our back are all seen at the next tick. Between
-ticks it remembers only when each node last answered and which nodes failed a write.
+comparing it with what really runs on the nodes and acts on the difference, tick after tick.
+Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a missed event, a
+hand edit, a node dying behind our back are all seen at the next tick. Between ticks it keeps
+little: when each node last answered, which failed a write, why it ticks next.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
         2. get_desired_state()      read what was declared             the API server, etcd
         3. cleanup_dead_nodes()     unassign what sat on dead nodes    node lifecycle controller
         4. schedule()               place what has no node             kube-scheduler
-        5. reconcile()              diff, then start and stop          a controller's sync
-        sleep TICK_SECONDS (0.3 s after a tick that acted, to check it), or less if woken
+        5. reconcile()              diff, then start and stop          a controller, then a kubelet
+        sleep TICK_SECONDS from its end (0.3 s once, to check a tick that acted), or less if woken
 
-Push or pull? The talk this project grew from (github.com/silefort/duckConfKubernetes,
-whose five steps and French log it keeps: LOG_LANG=fr) compares two designs:
+Push or pull? pull-mode takes its name from the talk it grew from (its five steps and French
+log are kept: LOG_LANG=fr; github.com/silefort/duckConfKubernetes), which compares two designs:
 
                the center keeps               who changes a node
     push       orders ("start nginx there")   the center, once per order: a lost one is lost
     pull       what should run (declared)     each node's own agent, again and again
     this file  what should run (declared)     the center, this loop, again at every tick
 
-Kubernetes is pull: each node's kubelet watches the API server for the pods bound to that
-node and runs them. This file keeps what makes pull converge, a declared state compared
-again and again with what runs, so a lost action is redone; but the nodes run no agent (one
-process is one file to read), so the loop reaches into each node over SSH, as a push center
-would. It keeps the talk's name for it: pull-mode.
+Kubernetes is pull: each node's kubelet watches the API server for the pods bound to its node
+and runs them. This file keeps what makes pull converge, a declared state compared with what
+runs at every tick (so a lost action is redone); but, to stay one program you can read, it
+runs no agent on the nodes: the loop reaches into each one over SSH, as a push center would.
 
 Words. A "container" is simulated: node N runs the names listed, one per line, in its file
 N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
 declared; a zombie, one still listed by a node that was away while it moved (a stopped node
-keeps its file, as a machine keeps its disk). A node is Ready (it answers and works),
-NotReady (it answers, but a command fails there) or Unknown (no command ran: no answer, a
-refusal, a bad key; a crashed node and a cut cable look the same); the live nodes are the
-Ready ones. Left out: real containers, etcd, leader election, heartbeats. machinery.py holds
-what only makes this file robust (settings, SSH connections, safe writes, the log's words,
-the page's data) behind names that say what they do: you need not read it, nor
-kubernetes_api.py, which shows the same cluster to the real kubectl.
+keeps its file, as a machine keeps its disk). A node is Ready (it answers and works), NotReady
+(it answers, but a command fails there) or Unknown (no command ran: no answer, a refusal, a
+bad key; a crashed node and a cut cable look the same); the live nodes are the Ready ones.
+Left out: real containers, etcd, leader election, heartbeats. machinery.py holds what only
+makes this file robust (settings, SSH connections, safe writes, the log's words, the page's
+data) behind names that say what they do: you need not read it, nor kubernetes_api.py (the
+same cluster for the real kubectl).
 """
 
 import os
@@ -66,9 +65,10 @@ DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long a silent node keeps its containers (a NotReady one answers: it gets none). 0, the
-# original project's choice: they move at the first missed observation. Kubernetes waits 50 s,
-# then 300 s more (grace period, toleration), since a crashed node and a cut cable look alike.
+# How long a silent node keeps its containers. 0, the original project's choice: they move at
+# the first missed observation. Kubernetes waits 50 s (node-monitor-grace-period), then 300 s
+# more (the unreachable taint's toleration): a crash and a cut cable look alike. A NotReady node
+# gets no grace here (300 s there): it answers, so what it runs is stopped there, if it can write.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -89,7 +89,8 @@ timer = machinery.LoopTimer(shutting_down, log)
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    failing = {}       # node -> why its last write failed there: the loop's memory (still_failing)
+    failing = {}       # node -> why its last write failed: a full disk still reads fine, so only
+                       # step 5 sees it, and the next tick's step 1 must know (still_failing)
     while True:
         acted = False
         try:
@@ -99,18 +100,17 @@ def control_loop():
         except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
             log.fail_tick(error)
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # timer.sleep returns `trigger` after `seconds`, or sooner: "wake" when the API changed
-        # something (even during the tick) or on resume, "step" for the teacher's step; while
-        # paused, only step or resume end it (a wake waits for the resume); at exit, None.
+        # timer.sleep ends after `seconds` and returns `trigger`, or sooner: "wake" when the API
+        # changed something (even during the tick) or the teacher resumed; "step" when the
+        # teacher steps (one tick, then paused again). While paused, the timer, a wake and a
+        # requeue wait: only step or resume end the sleep. At exit it returns None.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:
             return
 
 
 def run_tick(trigger, failing):
-    """One tick: the five steps. Returns (whether it started or stopped something, failing):
-    `failing`, the nodes whose last write failed, is updated by step 5 for the next step 1
-    (a full disk still reads fine: only a write shows it)."""
+    """One tick: the five steps. Returns (whether it started or stopped something, failing)."""
     log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
@@ -128,27 +128,25 @@ def run_tick(trigger, failing):
     desired, placements = schedule(desired, observed.live_nodes)
     unscheduled = [name for name, node in desired.items() if node is None]  # found no live node
     explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 changed a copy: write their decisions into the file, and go on with what
-    # the file declares now (the API may have changed it meanwhile: a POST made during this
-    # tick is the next tick's to place, and its wake brings that tick at once).
+    # Steps 3 and 4 changed a copy: write their decisions into the file and go on with what it
+    # declares now (a POST made meanwhile is the next tick's, which its wake brings at once).
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (a controller's sync; the kubelet acts)
     acted, results = reconcile(observed, desired, failing)
     failing = still_failing(failing, results)  # the next tick's step 1 calls these NotReady
 
-    # The verdict: ❌ Not converged if an action failed (any error; a failing node's retry too,
-    # until it is repaired) or a container found no node; else ⏳ Waiting while a node is silent
-    # in its grace period (what it runs is unknown); else ✅ Converged: every action sent worked
-    # (the requeue tick sees them done). A node whose containers moved away (silent past grace,
-    # or its read failing) does not count against it.
+    # The verdict: ❌ Not converged if an action failed (any error, a failing node's retry too) or
+    # a container found no node; else ⏳ Waiting while any node, even an empty one, is silent in
+    # its grace period (what it runs is unknown); else ✅ Converged: every action sent worked (the
+    # requeue tick sees them done). A node given no action (silent past its grace, or whose read
+    # fails) does not count.
     log.end_tick(results, unscheduled, observed.in_grace)
     return acted, failing
 
 
 # --- The five steps: ask the nodes, read the file, tell the class ------------
-class Observation(NamedTuple):
-    """What step 1 saw."""
+class Observation(NamedTuple):  # what step 1 saw
     running: dict     # node -> the names in its file, for each node whose read worked
     live_nodes: list  # the Ready nodes: they keep and get containers
     in_grace: dict    # Unknown nodes in their grace period: node -> (silent for, eviction in)
@@ -160,12 +158,10 @@ last_answered = {node: time.monotonic() for node in NODES}
 
 
 def get_current_state(failing):
-    """Step 1, observe: ask every node, all at once, what it runs and how it is.
-
-    A node that does not answer is Unknown; one that answers but fails, or whose last
-    write failed (`failing`), is NotReady: facts to log, not errors."""
+    """Step 1, observe: ask every node, all at once, what it runs and how it is (a fact to log,
+    not an error: Unknown if it does not answer, NotReady if it fails or is in `failing`)."""
     # {node: (names, truncated past 1 MiB), or the error: a NodeError if a command ran and failed
-    # (the read checks for sed, which writes need, and for a file), another if none ran}
+    # (the read checks for sed, which writes need, and that its file is no directory), or another}
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
@@ -217,11 +213,12 @@ def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
     A NotReady node whose read worked is acted on too: what still runs there is stopped.
-    Returns (whether anything was started or stopped, {node: None, or the error})."""
+    Returns (whether a node whose action worked started or stopped something, {node: None, or
+    the error}): a failed action is checked again by the timer's tick, not by a requeue."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
-    # One SSH command per node, all nodes at once: sed keeps only the lines of to_keep
-    # (that is every stop at once; sed -i replaces the file whole), then to_start is appended.
-    # A failed sed -i leaves the file as it was; if only the append fails, the stops are done.
+    # One SSH command per node, all at once: sed -i keeps only to_keep's lines (every stop at
+    # once, and drops a line added by hand since step 1; if sed fails, the file is as it was),
+    # then to_start is appended (if only that fails, the stops are done).
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
@@ -236,7 +233,8 @@ def reconcile(observed, desired, failing):
 
 # --- The decisions: pure functions over plain data, tested without a network -
 def cleanup_dead_nodes(desired, holding_nodes):
-    """Unassign every container whose node may no longer hold it. Returns (new desired, orphans).
+    """Unassign every container whose node may no longer hold it (NotReady, silent past its grace,
+    or not a node). Returns (new desired, orphans). Nothing moves back when a node returns.
 
     holding_nodes: the live nodes, and the silent ones still in their grace period.
     An orphan is (name, the node it lost); step 4 places it again at once. (Kubernetes
@@ -276,8 +274,9 @@ def apply_decisions(desired, orphans, placements):
 
     The API or a teacher may have changed the file since step 2 read it, so a decision only
     applies to a line that still says what step 2 read: an orphan still on its dead node, a
-    placement still without a node (optimistic concurrency, like a Kubernetes update's
-    resourceVersion). Any other line is left for the next tick to decide again."""
+    placement still without a node (optimistic concurrency: Kubernetes compares a
+    resourceVersion, we the line). Any other is left for the next tick to decide again (the
+    log said the decision anyway: the next tick's log tells what was done)."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -287,8 +286,7 @@ def apply_decisions(desired, orphans, placements):
     return desired
 
 
-class NodePlan(NamedTuple):
-    """What reconcile will do on one node."""
+class NodePlan(NamedTuple):  # what reconcile will do on one node
     to_start: list  # wanted, not running: a line to append
     to_stop: list   # running, not wanted (intruders, zombies, other lines) or twice: for the log
     to_keep: list   # wanted and running once: the node's file keeps these lines, and only these
@@ -300,7 +298,8 @@ def diff_node(running, wanted):
     Anything running but not wanted is stopped: an intruder, or a zombie left by a node
     that was down while its containers moved. The node keeps or drops a line by its text
     (sed), so a wanted name listed twice loses both lines and is appended once again: a
-    STOP and a START in the log. Keeping only `to_keep` also removes what we could not read."""
+    STOP and a START in the log. Keeping only `to_keep` also removes what we could not read
+    past 1 MiB, as soon as the node has anything to stop or start."""
     # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
     listed = Counter(running)
     wanted_set = set(wanted)
@@ -314,8 +313,8 @@ def diff_node(running, wanted):
 def plan_reconcile(running, desired, retry=()):
     """The diff for every node that answered ({node: names}): {node: NodePlan}, where work is.
 
-    retry: the nodes whose last actions failed. Each gets an action even with nothing to
-    change (keeping every line): the only way to see that it works again."""
+    retry: the nodes whose last write failed. Each gets an action even with nothing to change
+    (then one that keeps every line): the only way to see that it writes again."""
     wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
@@ -329,10 +328,8 @@ def plan_reconcile(running, desired, retry=()):
 
 
 def node_conditions(answers, failing):
-    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
-
-    Ready: it answered and works. NotReady: it answered, but fails (its command failed,
-    or its last actions did: `failing`). Unknown: it did not answer at all."""
+    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}. Unknown:
+    no command ran. NotReady: one failed (its read now, or its last write: `failing`). Ready."""
     conditions = {}
     for node, answer in answers.items():
         if isinstance(answer, machinery.NodeError):
@@ -351,8 +348,8 @@ def grace_periods(conditions, last_answered, now, grace):
     """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
 
     A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So, as Kubernetes does, we wait (a crash costs `grace` seconds); the
-    first tick that hears from it again finds it Ready, with its containers still assigned."""
+    would run them twice. So we wait, as Kubernetes does: a crash costs `grace` seconds (up to
+    the first tick past them); a tick that hears from it again finds its containers assigned."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -386,15 +383,18 @@ def when_to_tick_again(acted, trigger):
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned);
 # blank lines and "# comments" too, so a teacher may edit it by hand. The API thread and the
 # loop both change it with desired_file.update(change, *args), which, under one lock, does
-#     desired = parse(file); result = change(desired, *args); write(desired); return result
-# and writes nothing if change raises (a 404, a 409). A teacher's editor takes no lock: the
-# write replaces the file only if it is the version read (same inode, size, time), else update
-# starts again from the new text. A later save of an older copy wins, as any last save does.
+#     desired = parse(file); result = change(desired, *args); save(desired); return result
+# save writes only if desired changed, only the lines that must (comments stay), and nothing if
+# change raises (a 404, a 409). A teacher's editor takes no lock: save replaces the file only if
+# it is the version read (same inode, size, mtime), else update starts again from the new text.
+# Still lost: a save in the instant between that check and the replace; and a newer text that
+# an editor's later save of an older copy overwrites, as any last save does.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
 
-    A problem is (line number, line, reason): a bad line is reported and skipped."""
+    A problem is (line number, line, reason): a bad line is reported and skipped, and so is a
+    name is_valid_name refuses (a hand edit never reaches a node's shell)."""
     desired, problems = {}, []
     for number, line in enumerate(machinery.split_lines(text), start=1):  # LF or CRLF
         try:
@@ -437,7 +437,7 @@ def forget(desired, name):
 @api.post("/api/containers")
 def create_container():
     """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its view
-    (unscheduled). The woken tick places ("nginx:node-2") and starts it; its check sees it."""
+    ({"name": "nginx", "node": null, "status": "unscheduled", ...}); the woken tick places it."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
     if not isinstance(body, dict):
         abort(400, 'the body must be a JSON object, like {"name": "nginx"}')
