@@ -32,11 +32,10 @@ N_running.txt; starting appends a line, stopping removes it. An intruder is a li
 declared; a zombie, one still listed by a node that was away while it moved (a stopped node
 keeps its file, as a machine keeps its disk). A node is Ready (it answers and works), NotReady
 (it answers, but a command fails there) or Unknown (no command ran: no answer, a refusal, a
-bad key; a crashed node and a cut cable look the same); the live nodes are the Ready ones.
-Left out: real containers, etcd, leader election, heartbeats. machinery.py holds what only
-makes this file robust (settings, SSH connections, safe writes, the log's words, the page's
-data) behind names that say what they do: you need not read it, nor kubernetes_api.py (the
-same cluster for the real kubectl).
+bad key; a crashed node and a cut cable look the same). Left out: real containers, etcd,
+leader election, heartbeats. machinery.py holds what only makes this file robust (settings,
+SSH connections, safe writes, the log's words, the page's data) behind names that say what
+they do: you need not read it, nor kubernetes_api.py (the same cluster for the real kubectl).
 """
 
 import os
@@ -136,12 +135,8 @@ def run_tick(trigger, failing):
     acted, results = reconcile(observed, desired, failing)
     failing = still_failing(failing, results)  # the next tick's step 1 calls these NotReady
 
-    # The verdict: ❌ Not converged if an action failed (any error, a failing node's retry too) or
-    # a container found no node; else ⏳ Waiting while any node, even an empty one, is silent in
-    # its grace period (what it runs is unknown); else ✅ Converged: every action sent worked (the
-    # requeue tick sees them done). A node given no action (silent past its grace, or whose read
-    # fails) does not count.
-    log.end_tick(results, unscheduled, observed.in_grace)
+    outcome = verdict(results, unscheduled, observed.in_grace)  # ✅ Converged, ⏳ Waiting or ❌
+    log.end_tick(outcome, results, unscheduled, observed.in_grace)  # the log says which, and why
     return acted, failing
 
 
@@ -233,12 +228,11 @@ def reconcile(observed, desired, failing):
 
 # --- The decisions: pure functions over plain data, tested without a network -
 def cleanup_dead_nodes(desired, holding_nodes):
-    """Unassign every container whose node may no longer hold it (NotReady, silent past its grace,
-    or not a node). Returns (new desired, orphans). Nothing moves back when a node returns.
-
-    holding_nodes: the live nodes, and the silent ones still in their grace period.
-    An orphan is (name, the node it lost); step 4 places it again at once. (Kubernetes
-    never moves a pod: it deletes it, and its ReplicaSet makes a new one to schedule.)"""
+    """Unassign every container whose node may no longer hold it (NotReady, silent past its
+    grace, or not a node): it becomes an orphan, (name, the node it lost), that step 4 places
+    again at once. holding_nodes: the live nodes and those in their grace period. Returns (new
+    desired, orphans). Nothing moves back when a node returns. (Kubernetes never moves a pod:
+    it deletes it, and its ReplicaSet makes a new one to schedule.)"""
     cleaned, orphans = {}, []
     for name, node in desired.items():
         if node is not None and node not in holding_nodes:
@@ -272,11 +266,10 @@ def schedule(desired, live_nodes):
 def apply_decisions(desired, orphans, placements):
     """Apply steps 3 and 4's decisions to `desired`, what the file declares now; return it.
 
-    The API or a teacher may have changed the file since step 2 read it, so a decision only
-    applies to a line that still says what step 2 read: an orphan still on its dead node, a
-    placement still without a node (optimistic concurrency: Kubernetes compares a
-    resourceVersion, we the line). Any other is left for the next tick to decide again (the
-    log said the decision anyway: the next tick's log tells what was done)."""
+    The file may have changed since step 2 read it, so a decision applies only to a line still
+    as step 2 read it: an orphan still on its dead node, a placement still without a node
+    (optimistic concurrency; Kubernetes compares a resourceVersion, we the line). The next
+    tick decides the others again (this tick's log has told them: the next tells what was done)."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -328,8 +321,7 @@ def plan_reconcile(running, desired, retry=()):
 
 
 def node_conditions(answers, failing):
-    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}. Unknown:
-    no command ran. NotReady: one failed (its read now, or its last write: `failing`). Ready."""
+    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}."""
     conditions = {}
     for node, answer in answers.items():
         if isinstance(answer, machinery.NodeError):
@@ -370,6 +362,15 @@ def still_failing(failing, results):
     return failing
 
 
+def verdict(results, unscheduled, in_grace):
+    """How the tick ends. A node given no action (silent past its grace, or whose read fails)
+    is not in `results`: it does not count. Waiting: what a node in its grace period (even an
+    empty one) runs is unknown. Converged: every action sent worked; the requeue tick sees."""
+    if unscheduled or any(error is not None for error in results.values()):
+        return "not_converged"
+    return "waiting" if in_grace else "converged"
+
+
 def when_to_tick_again(acted, trigger):
     """(seconds to sleep, why the next tick will run): the whole requeue rule. A tick that
     started or stopped something is checked REQUEUE_SECONDS later, once: if the check acts
@@ -387,8 +388,7 @@ def when_to_tick_again(acted, trigger):
 # save writes only if desired changed, only the lines that must (comments stay), and nothing if
 # change raises (a 404, a 409). A teacher's editor takes no lock: save replaces the file only if
 # it is the version read (same inode, size, mtime), else update starts again from the new text.
-# Still lost: a save in the instant between that check and the replace; and a newer text that
-# an editor's later save of an older copy overwrites, as any last save does.
+# Still lost: a save landing between check and replace, and what an old copy saved later hides.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).

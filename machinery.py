@@ -435,22 +435,19 @@ class TickLog:
         if tick is not None:
             tick["steps"].append({"number": number, "title": title.strip(), "lines": []})
 
-    def end_tick(self, results, unscheduled, waiting, failed=None):
+    def end_tick(self, outcome, results, unscheduled, waiting, failed=None):
         """Print the tick's verdict and keep the finished tick for the page.
 
-        results: {node: None, or why its actions failed}; unscheduled: the names step 4
-        found no node for. Not converged: an action failed, a container has no node, or
-        the tick itself failed (`failed`). Waiting:
-        nothing failed, but a node is silent in its grace period (waiting: {node:
-        (silent for, eviction in)}), so nobody knows what it runs. Converged: every
-        action this tick sent worked (the next tick checks that they took)."""
+        outcome: the lesson's verdict(), "converged", "waiting" or "not_converged"; the
+        rest says why. results: {node: None, or why its actions failed}; unscheduled: the
+        names step 4 found no node for; waiting: {node: (silent for, eviction in)} for the
+        nodes in their grace period; failed: the error, when the tick itself failed."""
         reasons = [f"{node}: {self.describe(error)}" for node, error in results.items() if error is not None]
         if unscheduled:
             reasons.append(self.message("unscheduled_reason",
                                         containers=self.count(len(unscheduled), "container")))
         if failed:
             reasons.append(self.describe(failed))
-        outcome = "not_converged" if reasons else "waiting" if waiting else "converged"
         verdict = self.message(outcome, reasons="; ".join(reasons), nodes="; ".join(
             self.message("waiting_node", node=node, left=left) for node, (_, left) in waiting.items()))
         self.emit(verdict)
@@ -475,7 +472,7 @@ class TickLog:
             if self._open() is None:
                 self.begin_tick("start")  # it failed before it began
             self.say("tick_failed", error=self.describe(error))
-            self.end_tick({}, [], {}, failed=error)
+            self.end_tick("not_converged", {}, [], {}, failed=error)
         except Exception:
             pass  # even the report failed: the loop goes on, /healthz tells
 

@@ -758,12 +758,13 @@ def test_a_node_whose_action_fails_there_stays_not_ready_and_a_silence_changes_n
 # --- the tick's verdict ------------------------------------------------------------------
 
 def verdicts(language, *ticks):
-    """The verdict lines a TickLog prints for ticks given as end_tick()'s arguments."""
+    """The verdict lines a TickLog prints for ticks given as (results, unscheduled, waiting):
+    the lesson's verdict() decides, end_tick() prints."""
     log, lines = m.TickLog(language), []
     log.emit = lines.append
     for results, unscheduled, waiting in ticks:
         log.begin_tick("timer")
-        log.end_tick(results, unscheduled, waiting)
+        log.end_tick(c.verdict(results, unscheduled, waiting), results, unscheduled, waiting)
     return [line.strip() for line in lines if line.startswith("\n") and line.strip()[:1] in "✅❌⏳"], log
 
 
@@ -777,6 +778,16 @@ def test_a_node_silent_in_its_grace_period_makes_the_verdict_waiting_not_converg
         tick = log.recent_ticks()[-1]
         assert (tick["converged"], tick["outcome"], tick["waiting"], tick["verdict"]) == (
             False, "waiting", ["node-1"], text)
+
+
+def test_the_verdict_is_a_pure_decision_over_results_unscheduled_and_grace():
+    in_grace = {"node-3": (4.0, 26.0)}
+    assert c.verdict({}, [], {}) == "converged", "nothing to do, nobody silent"
+    assert c.verdict({"node-1": None, "node-2": None}, [], {}) == "converged"
+    assert c.verdict({}, [], in_grace) == "waiting", "an empty node in its grace period waits too"
+    assert c.verdict({"node-1": TimeoutError()}, [], {}) == "not_converged", "any error, a timeout too"
+    assert c.verdict({"node-1": m.NodeError("sed: disk full")}, [], in_grace) == "not_converged"
+    assert c.verdict({"node-1": None}, ["web"], in_grace) == "not_converged", "unscheduled outranks waiting"
 
 
 def test_a_failure_outranks_waiting_and_nothing_silent_is_converged():
