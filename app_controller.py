@@ -3,15 +3,16 @@
 You declare what should run (desired_state.txt, through a REST API), and a loop keeps
 comparing it with what really runs on the nodes and acts on the difference, tick after tick.
 Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a missed event, a
-hand edit, a node dying behind our back are all seen at the next tick. Between ticks it keeps
-little: when each node last answered, which failed a write, why it ticks next.
+hand edit, a node dying behind our back are all seen at the next tick (Kubernetes' controllers
+watch for changes, and resync everything now and then, for the same reason). Between ticks it
+keeps little: when each node last answered, which failed a write, why it ticks next.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
         2. get_desired_state()      read what was declared             the API server, etcd
         3. cleanup_dead_nodes()     unassign what sat on dead nodes    node lifecycle controller
         4. schedule()               place what has no node             kube-scheduler
-        5. reconcile()              diff, then start and stop          a controller, then a kubelet
+        5. reconcile()              diff, then start and stop          a controller; a kubelet acts
         sleep TICK_SECONDS from its end (0.3 s once, to check a tick that acted), or less if woken
 
 Push or pull? pull-mode takes its name from the talk it grew from (its five steps and French
@@ -33,9 +34,10 @@ declared; a zombie, one still listed by a node that was away while it moved (a s
 keeps its file, as a machine keeps its disk). A node is Ready (it answers and works), NotReady
 (it answers, but a command fails there) or Unknown (no command ran: no answer, a refusal, a
 bad key; a crashed node and a cut cable look the same). Left out: real containers, etcd,
-leader election, heartbeats. machinery.py holds what only makes this file robust (settings,
-SSH connections, safe writes, the log's words, the page's data) behind names that say what
-they do: you need not read it, nor kubernetes_api.py (the same cluster for the real kubectl).
+leader election, heartbeats. machinery.py holds what the lesson stands on (checked settings,
+SSH connections, safe writes, the timer's pause and step, the log's words, the page's data)
+behind names that say what they do: you need not read it, nor kubernetes_api.py (the same
+cluster for the real kubectl).
 """
 
 import os
@@ -58,6 +60,7 @@ NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
 # One slow node must not freeze the lesson: past this many seconds without an answer, Unknown.
+# Step 1 waits that long at most, for all nodes at once: a silent node makes a tick that longer.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
@@ -67,7 +70,8 @@ REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to ch
 # How long a silent node keeps its containers. 0, the original project's choice: they move at
 # the first missed observation. Kubernetes waits 50 s (node-monitor-grace-period), then 300 s
 # more (the unreachable taint's toleration): a crash and a cut cable look alike. A NotReady node
-# gets no grace here (300 s there): it answers, so what it runs is stopped there, if it can write.
+# gets no grace here (300 s there): it answers, so step 5 stops what it runs, if its read works
+# and it can write (else what it ran may run twice, as in a partition).
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -96,8 +100,8 @@ def control_loop():
             acted, failing = run_tick(trigger, failing)  # the five steps
         except machinery.ShuttingDown:
             return
-        except Exception as error:  # a bug, a full disk: a dead loop would watch nothing
-            log.fail_tick(error)
+        except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
+            log.fail_tick(error)  # ❌ Not converged, with the error; the timer's tick starts afresh
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
         # timer.sleep ends after `seconds` and returns `trigger`, or sooner: "wake" when the API
         # changed something (even during the tick) or the teacher resumed; "step" when the
@@ -289,10 +293,10 @@ def diff_node(running, wanted):
     """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
 
     Anything running but not wanted is stopped: an intruder, or a zombie left by a node
-    that was down while its containers moved. The node keeps or drops a line by its text
-    (sed), so a wanted name listed twice loses both lines and is appended once again: a
-    STOP and a START in the log. Keeping only `to_keep` also removes what we could not read
-    past 1 MiB, as soon as the node has anything to stop or start."""
+    that was down while its containers moved. The node keeps a line only if it is exactly a
+    to_keep name (sed), so a wanted name listed twice loses both lines and is appended once
+    again: a STOP and a START in the log. Keeping only `to_keep` also removes what we could
+    not read past 1 MiB, as soon as the node has anything to stop or start."""
     # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
     listed = Counter(running)
     wanted_set = set(wanted)
@@ -364,8 +368,9 @@ def still_failing(failing, results):
 
 def verdict(results, unscheduled, in_grace):
     """How the tick ends. A node given no action (silent past its grace, or whose read fails)
-    is not in `results`: it does not count. Waiting: what a node in its grace period (even an
-    empty one) runs is unknown. Converged: every action sent worked; the requeue tick sees."""
+    is not in `results`: it does not count, though it may still run what it should not.
+    Waiting: what a node in its grace period (even an empty one) runs is unknown. Converged:
+    every action sent worked (the requeue tick sees them done)."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
@@ -381,13 +386,14 @@ def when_to_tick_again(acted, trigger):
 
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
-# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned);
-# blank lines and "# comments" too, so a teacher may edit it by hand. The API thread and the
-# loop both change it with desired_file.update(change, *args), which, under one lock, does
-#     desired = parse(file); result = change(desired, *args); save(desired); return result
-# save writes only if desired changed, only the lines that must (comments stay), and nothing if
-# change raises (a 404, a 409). A teacher's editor takes no lock: save replaces the file only if
-# it is the version read (same inode, size, mtime), else update starts again from the new text.
+# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned); blank
+# lines and "# comments" too, so a teacher may edit it by hand (that wakes nothing: the next
+# tick reads it). The API thread and the loop change it with desired_file.update(change, *args):
+#     under one lock, desired = parse(file); result = change(desired, *args); save(desired)
+# and it returns result. save writes only if desired changed, only the lines that must
+# (comments and lines it could not parse stay as written), and nothing if change raises (a 404,
+# a 409). A teacher's editor takes no lock: save replaces the file only if it is the version
+# read (same inode, size, mtime in ns), else update parses the new text and runs change again.
 # Still lost: a save landing between check and replace, and what an old copy saved later hides.
 
 def parse_desired_state(text):
@@ -439,14 +445,8 @@ def create_container():
     """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its view
     ({"name": "nginx", "node": null, "status": "unscheduled", ...}); the woken tick places it."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
-    if not isinstance(body, dict):
-        abort(400, 'the body must be a JSON object, like {"name": "nginx"}')
-    name = body.get("name")
-    if not isinstance(name, str):
-        abort(400, '"name" is required and must be a string')
-    if not machinery.is_valid_name(name):  # it will reach a node's shell (quoted): check it here
-        abort(400, f"{name!r} is not a valid name: use at most 63 lowercase letters, digits "
-                   "and '-', starting and ending with a letter or digit (a DNS-1123 label)")
+    # 400 unless body is {"name": a DNS-1123 label}: the name will reach a node's shell (quoted).
+    name = machinery.container_name(body)
     desired_file.update(declare, name)
     timer.wake()
     return jsonify(status.container_views({name: None})[0]), 201

@@ -48,6 +48,21 @@ def is_valid_name(name):
     return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
 
 
+def container_name(body):
+    """The name a POST /api/containers body declares, or a 400 that says what is wrong.
+
+    The name will reach a node's shell (quoted): only a DNS-1123 label gets through."""
+    if not isinstance(body, dict):
+        abort(400, 'the body must be a JSON object, like {"name": "nginx"}')
+    name = body.get("name")
+    if not isinstance(name, str):
+        abort(400, '"name" is required and must be a string')
+    if not is_valid_name(name):
+        abort(400, f"{name!r} is not a valid name: use at most 63 lowercase letters, digits "
+                   "and '-', starting and ending with a letter or digit (a DNS-1123 label)")
+    return name
+
+
 # ---------------------------------------------------------------------------
 # Settings: environment variables, checked before anything starts
 # ---------------------------------------------------------------------------
