@@ -4,8 +4,7 @@ You declare what should run (desired_state.txt, through a REST API), and a loop 
 comparing it with what really runs on the nodes and acts on the difference, tick after tick.
 Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a missed event, a
 hand edit, a node dying behind our back are all seen at the next tick (Kubernetes' controllers
-watch for changes, and resync everything now and then, for the same reason). Between ticks it
-keeps little: when each node last answered, which failed a write, why it ticks next.
+watch for changes, and resync everything now and then, for the same reason).
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -67,11 +66,12 @@ DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long a silent node keeps its containers. 0, the original project's choice: they move at
-# the first missed observation. Kubernetes waits 50 s (node-monitor-grace-period), then 300 s
-# more (the unreachable taint's toleration): a crash and a cut cable look alike. A NotReady node
-# gets no grace here (300 s there): it answers, so step 5 stops what it runs, if its read works
-# and it can write (else what it ran may run twice, as in a partition).
+# How long a silent (Unknown) node keeps its containers before they move elsewhere.
+#   0 (the original project's choice): they move at the first missed observation.
+#   Kubernetes waits 50 s (node-monitor-grace-period), then 300 s more (the unreachable
+#   taint's toleration), because a crashed node and a cut cable look alike.
+# A NotReady node gets no grace here (Kubernetes gives it 300 s too): it answers, so step 5
+# can stop what it runs. If that stop fails as well, its containers may run twice.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -103,10 +103,10 @@ def control_loop():
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
             log.fail_tick(error)  # ❌ Not converged, with the error; the timer's tick starts afresh
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # timer.sleep ends after `seconds` and returns `trigger`, or sooner: "wake" when the API
-        # changed something (even during the tick) or the teacher resumed; "step" when the
-        # teacher steps (one tick, then paused again). While paused, the timer, a wake and a
-        # requeue wait: only step or resume end the sleep. At exit it returns None.
+        # timer.sleep returns the next tick's trigger: `trigger` after `seconds`; "wake" at once
+        # if the API changed something (even during this tick) or the teacher resumed; "step"
+        # when the teacher steps (one tick, then paused again); None at exit. While paused,
+        # only step and resume end it. Pause and step act between ticks, never inside one.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:
             return
@@ -212,12 +212,11 @@ def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
     A NotReady node whose read worked is acted on too: what still runs there is stopped.
-    Returns (whether a node whose action worked started or stopped something, {node: None, or
-    the error}): a failed action is checked again by the timer's tick, not by a requeue."""
+    Returns (acted, {node: None, or the error}). acted: a node whose action worked started or
+    stopped something; a failed node does not count (the next tick retries it anyway)."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
-    # One SSH command per node, all at once: sed -i keeps only to_keep's lines (every stop at
-    # once, and drops a line added by hand since step 1; if sed fails, the file is as it was),
-    # then to_start is appended (if only that fails, the stops are done).
+    # One SSH command per node, all at once: sed -i keeps only to_keep's lines (every stop, even
+    # of a line added since step 1; a failed sed changes nothing), then appends to_start.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
@@ -252,10 +251,8 @@ def schedule(desired, live_nodes):
     Each goes to the live node with the fewest containers assigned, the first in NODES order
     on a tie: from empty nodes that is round-robin, and after a failure it fills the emptiest
     nodes first. A placement is (name, node, the loads it compared): why node-2, not node-3."""
-    load = {node: 0 for node in live_nodes}
-    for node in desired.values():
-        if node in load:
-            load[node] += 1
+    assigned = Counter(desired.values())  # node -> how many containers the file gives it
+    load = {node: assigned[node] for node in live_nodes}
     scheduled, placements = {}, []
     for name, node in desired.items():
         if node is None and live_nodes:
@@ -386,21 +383,24 @@ def when_to_tick_again(acted, trigger):
 
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
-# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned); blank
-# lines and "# comments" too, so a teacher may edit it by hand (that wakes nothing: the next
-# tick reads it). The API thread and the loop change it with desired_file.update(change, *args):
-#     under one lock, desired = parse(file); result = change(desired, *args); save(desired)
-# and it returns result. save writes only if desired changed, only the lines that must
-# (comments and lines it could not parse stay as written), and nothing if change raises (a 404,
-# a 409). A teacher's editor takes no lock: save replaces the file only if it is the version
-# read (same inode, size, mtime in ns), else update parses the new text and runs change again.
-# Still lost: a save landing between check and replace, and what an old copy saved later hides.
+# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
+# Blank lines and "# comments" are allowed, so a teacher may edit it by hand (that wakes
+# nothing: the next tick reads it). The API thread and the loop change it only through
+#     result = desired_file.update(change, *args)
+# which, under one lock, parses the file into `desired`, runs change(desired, *args), saves
+# `desired` and returns what change returned; if change raises (a 404, a 409), nothing is
+# saved. Saving rewrites only the lines that changed (a new name goes at the end) into a new
+# file renamed over the old one, so a reader never sees half a file. A teacher's editor takes
+# no lock, so update saves only if the file is still the one it parsed (same inode, size and
+# mtime); if not, it starts again from the new text. Two edits can still be lost: one saved
+# in the instant between that check and the rename, and any change undone by an editor that
+# saves a copy it opened before it (as in any editor: the last save wins).
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
 
-    A problem is (line number, line, reason): a bad line is reported and skipped, and so is a
-    name is_valid_name refuses (a hand edit never reaches a node's shell)."""
+    A problem is (line number, line, reason): a bad line is reported and skipped. parse_line
+    refuses a name that is not a DNS-1123 label, so a hand edit never reaches a node's shell."""
     desired, problems = {}, []
     for number, line in enumerate(machinery.split_lines(text), start=1):  # LF or CRLF
         try:
