@@ -11,7 +11,7 @@ watch for changes, and resync everything now and then, for the same reason).
         2. get_desired_state()      read what was declared             the API server, etcd
         3. cleanup_dead_nodes()     unassign what sat on dead nodes    node lifecycle controller
         4. schedule()               place what has no node             kube-scheduler
-        5. reconcile()              diff, then start and stop          a controller; a kubelet acts
+        5. reconcile()              diff, then start and stop          kubelets' sync, done here
         sleep TICK_SECONDS from its end (0.3 s once, to check a tick that acted), or less if woken
 
 Push or pull? pull-mode takes its name from the talk it grew from (its five steps and French
@@ -31,8 +31,8 @@ Words. A "container" is simulated: node N runs the names listed, one per line, i
 N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
 declared; a zombie, one still listed by a node that was away while it moved (a stopped node
 keeps its file, as a machine keeps its disk). A node is Ready (it answers and works), NotReady
-(it answers, but a command fails there) or Unknown (no command ran: no answer, a refusal, a
-bad key; a crashed node and a cut cable look the same). Left out: real containers, etcd,
+(it answers, but a command fails there) or Unknown (no answer within SSH_TIMEOUT, a refusal,
+a bad key; a crashed node and a cut cable look the same). Left out: real containers, etcd,
 leader election, heartbeats. machinery.py holds what the lesson stands on (checked settings,
 SSH connections, safe writes, the timer's pause and step, the log's words, the page's data)
 behind names that say what they do: you need not read it, nor kubernetes_api.py (the same
@@ -71,7 +71,7 @@ REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to ch
 #   Kubernetes waits 50 s (node-monitor-grace-period), then 300 s more (the unreachable
 #   taint's toleration), because a crashed node and a cut cable look alike.
 # A NotReady node gets no grace here (Kubernetes gives it 300 s too): it answers, so step 5
-# can stop what it runs. If that stop fails as well, its containers may run twice.
+# stops what it runs, if its read works; if the read or the stop fails, those may run twice.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -101,7 +101,7 @@ def control_loop():
         except machinery.ShuttingDown:
             return
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
-            log.fail_tick(error)  # ❌ Not converged, with the error; the timer's tick starts afresh
+            log.fail_tick(error)  # ❌ Not converged, with the error; `failing` stays as it was
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
         # timer.sleep returns the next tick's trigger: `trigger` after `seconds`; "wake" at once
         # if the API changed something (even during this tick) or the teacher resumed; "step"
@@ -135,7 +135,7 @@ def run_tick(trigger, failing):
     # declares now (a POST made meanwhile is the next tick's, which its wake brings at once).
     desired = desired_file.update(apply_decisions, orphans, placements)
 
-    log.begin_step(5)  # RECONCILE: diff, then act (a controller's sync; the kubelet acts)
+    log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
     acted, results = reconcile(observed, desired, failing)
     failing = still_failing(failing, results)  # the next tick's step 1 calls these NotReady
 
@@ -282,7 +282,7 @@ def apply_decisions(desired, orphans, placements):
 
 class NodePlan(NamedTuple):  # what reconcile will do on one node
     to_start: list  # wanted, not running: a line to append
-    to_stop: list   # running, not wanted (intruders, zombies, other lines) or twice: for the log
+    to_stop: list   # running, not wanted here (intruders, zombies) or listed twice: for the log
     to_keep: list   # wanted and running once: the node's file keeps these lines, and only these
 
 
@@ -293,7 +293,7 @@ def diff_node(running, wanted):
     that was down while its containers moved. The node keeps a line only if it is exactly a
     to_keep name (sed), so a wanted name listed twice loses both lines and is appended once
     again: a STOP and a START in the log. Keeping only `to_keep` also removes what we could
-    not read past 1 MiB, as soon as the node has anything to stop or start."""
+    not read past 1 MiB (but a copy of a kept name), once the node has anything to do."""
     # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
     listed = Counter(running)
     wanted_set = set(wanted)
@@ -307,8 +307,8 @@ def diff_node(running, wanted):
 def plan_reconcile(running, desired, retry=()):
     """The diff for every node that answered ({node: names}): {node: NodePlan}, where work is.
 
-    retry: the nodes whose last write failed. Each gets an action even with nothing to change
-    (then one that keeps every line): the only way to see that it writes again."""
+    retry: the nodes whose last write failed. Each gets an action even with an empty diff, the
+    only way to see that it writes again (its containers moved away: usually, a stop)."""
     wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
@@ -341,8 +341,8 @@ def grace_periods(conditions, last_answered, now, grace):
     """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
 
     A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So we wait, as Kubernetes does: a crash costs `grace` seconds (up to
-    the first tick past them); a tick that hears from it again finds its containers assigned."""
+    would run them twice. So we wait, as Kubernetes does: a crash costs about `grace` seconds
+    (from its last answer to the first tick past them); a node heard again keeps its own."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -445,8 +445,8 @@ def create_container():
     """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its view
     ({"name": "nginx", "node": null, "status": "unscheduled", ...}); the woken tick places it."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
-    # 400 unless body is {"name": a DNS-1123 label}: the name will reach a node's shell (quoted).
-    name = machinery.container_name(body)
+    name = machinery.container_name(body)  # 400 unless {"name": a DNS-1123 label}, as it will
+    # reach a node's shell: at most 63 of a-z, 0-9 and "-", with a letter or digit at each end
     desired_file.update(declare, name)
     timer.wake()
     return jsonify(status.container_views({name: None})[0]), 201
