@@ -59,7 +59,7 @@ NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
 # One slow node must not freeze the lesson: past this many seconds without an answer, Unknown.
-# Step 1 waits that long at most, for all nodes at once: a silent node makes a tick that longer.
+# Step 1 waits that long at most, for all nodes at once, so a silent node lengthens each tick.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
@@ -80,12 +80,11 @@ API_PORT = settings.port("API_PORT", 8080)
 API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
-# The machinery's objects: the log (also kept for the page), the nodes, their status, a clock.
 shutting_down = threading.Event()  # set by SIGTERM or Ctrl-C
-log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)
+log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # prints each line, keeps each tick for the page
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
-status = machinery.ClusterStatus(nodes)
-timer = machinery.LoopTimer(shutting_down, log)
+status = machinery.ClusterStatus(nodes)  # the last observation, as the API and the page show it
+timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake, pause, step
 
 
 # --- The control loop: the five steps, a sleep, and again --------------------
@@ -105,8 +104,9 @@ def control_loop():
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
         # timer.sleep returns the next tick's trigger: `trigger` after `seconds`; "wake" at once
         # if the API changed something (even during this tick) or the teacher resumed; "step"
-        # when the teacher steps (one tick, then paused again); None at exit. While paused,
-        # only step and resume end it. Pause and step act between ticks, never inside one.
+        # when the teacher steps (one tick, then paused again); None at exit. While paused, only
+        # step and resume end it (a wake or requeue due meanwhile is that tick). Pause and step
+        # act between ticks, never inside one.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:
             return
@@ -147,7 +147,7 @@ def run_tick(trigger, failing):
 # --- The five steps: ask the nodes, read the file, tell the class ------------
 class Observation(NamedTuple):  # what step 1 saw
     running: dict     # node -> the names in its file, for each node whose read worked
-    live_nodes: list  # the Ready nodes: they keep and get containers
+    live_nodes: list  # the Ready nodes: only they get new containers
     in_grace: dict    # Unknown nodes in their grace period: node -> (silent for, eviction in)
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
@@ -212,8 +212,8 @@ def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
     A NotReady node whose read worked is acted on too: what still runs there is stopped.
-    Returns (acted, {node: None, or the error}). acted: a node whose action worked started or
-    stopped something; a failed node does not count (the next tick retries it anyway)."""
+    Returns (acted: a node whose action worked started or stopped something, {node: None, or
+    the error}). A failed node does not count for acted: the next tick retries it anyway."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
     # One SSH command per node, all at once: sed -i keeps only to_keep's lines (every stop, even
     # of a line added since step 1; a failed sed changes nothing), then appends to_start.
@@ -474,7 +474,7 @@ machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,
     page=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html"))
-# The same cluster for the real kubectl (kubernetes_api.py): kubectl run/delete use declare/forget.
+# The same cluster for the real kubectl: kubectl run/delete use declare/forget, then wake the loop.
 kubernetes_api.register(api, kubernetes_api.ControllerBackend(
     desired_file, status, log, timer, API_TOKEN, declare, forget))
 
