@@ -1,10 +1,10 @@
 """pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
 
-You declare what should run (desired_state.txt, through a REST API), and a loop keeps
-comparing it with what really runs on the nodes and acts on the difference, tick after tick.
-Each tick re-reads the *whole* state (level-triggered, not edge-triggered): a missed event, a
-hand edit, a node dying behind our back are all seen at the next tick (Kubernetes' controllers
-watch for changes, and resync everything now and then, for the same reason).
+You declare what should run in desired_state.txt, through a REST API. A loop compares it with
+what really runs on the nodes and acts on the difference, tick after tick. Each tick re-reads
+the *whole* state: it is level-triggered, not edge-triggered. So a missed event, a hand edit
+or a node dying behind our back is seen at the next tick. Kubernetes' controllers watch for
+changes but also resync everything now and then, for the same reason.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -14,29 +14,30 @@ watch for changes, and resync everything now and then, for the same reason).
         5. reconcile()              diff, then start and stop          kubelets' sync, done here
         sleep TICK_SECONDS from its end (0.3 s once, to check a tick that acted), or less if woken
 
-Push or pull? pull-mode takes its name from the talk it grew from (its five steps and French
-log are kept: LOG_LANG=fr; github.com/silefort/duckConfKubernetes), which compares two designs:
+Push or pull? The name pull-mode comes from the talk this project grew from
+(github.com/silefort/duckConfKubernetes; its five steps and French log are kept: LOG_LANG=fr).
+The talk compares two designs:
 
                the center keeps               who changes a node
     push       orders ("start nginx there")   the center, once per order: a lost one is lost
     pull       what should run (declared)     each node's own agent, again and again
     this file  what should run (declared)     the center, this loop, again at every tick
 
-Kubernetes is pull: each node's kubelet watches the API server for the pods bound to its node
-and runs them. This file keeps what makes pull converge, a declared state compared with what
-runs at every tick (so a lost action is redone); but, to stay one program you can read, it
-runs no agent on the nodes: the loop reaches into each one over SSH, as a push center would.
+Kubernetes is pull: each node's kubelet watches the API server for the pods bound to its node,
+and runs them. This file keeps what makes pull converge: a declared state, compared with what
+runs at every tick, so a lost action is redone. But to stay one program you can read, it runs
+no agent on the nodes. Its loop reaches into each node over SSH, as a push center would.
 
 Words. A "container" is simulated: node N runs the names listed, one per line, in its file
-N_running.txt; starting appends a line, stopping removes it. An intruder is a line nobody
-declared; a zombie, one still listed by a node that was away while it moved (a stopped node
-keeps its file, as a machine keeps its disk). A node is Ready (it answers and works), NotReady
-(it answers, but a command fails there) or Unknown (no answer within SSH_TIMEOUT, a refusal,
-a bad key; a crashed node and a cut cable look the same). Left out: real containers, etcd,
-leader election, heartbeats. machinery.py holds what the lesson stands on (checked settings,
-SSH connections, safe writes, the timer's pause and step, the log's words, the page's data)
-behind names that say what they do: you need not read it, nor kubernetes_api.py (the same
-cluster for the real kubectl).
+N_running.txt. Starting appends a line; stopping removes it. An intruder is a line nobody
+declared. A zombie is a line still listed by a node that was away while its container moved: a
+stopped node keeps its file, as a machine keeps its disk. A node is Ready if it answers and
+works, NotReady if it answers but a command fails there, Unknown if it does not answer within
+SSH_TIMEOUT (or refuses us, or our key): a crashed node and a cut cable look the same. Left
+out: real containers, etcd, leader election, heartbeats. machinery.py holds what the lesson
+stands on: checked settings, SSH connections, safe writes, the timer, the log's words, the
+page's data. Its names say what they do, so you need not read it, nor kubernetes_api.py, which
+shows the same cluster to the real kubectl.
 """
 
 import os
@@ -66,12 +67,12 @@ DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long a silent (Unknown) node keeps its containers before they move elsewhere.
-#   0 (the original project's choice): they move at the first missed observation.
-#   Kubernetes waits 50 s (node-monitor-grace-period), then 300 s more (the unreachable
-#   taint's toleration), because a crashed node and a cut cable look alike.
-# A NotReady node gets no grace here (Kubernetes gives it 300 s too): it answers, so step 5
-# stops what it runs, if its read works; if the read or the stop fails, those may run twice.
+# How long a silent (Unknown) node keeps its containers before they move elsewhere. 0 is the
+# original project's choice: they move at the first missed observation. Kubernetes waits 50 s
+# (node-monitor-grace-period), then 300 s more (the unreachable taint's toleration), because a
+# crashed node and a cut cable look alike. A NotReady node gets no grace here, though Kubernetes
+# gives it 300 s too: it answers, so step 5 can stop what it runs. If its read or that stop
+# fails, its containers may run twice.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -91,8 +92,7 @@ timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    failing = {}       # node -> why its last write failed: a full disk still reads fine, so only
-                       # step 5 sees it, and the next tick's step 1 must know (still_failing)
+    failing = {}       # node -> why its last write failed there (see still_failing)
     while True:
         acted = False
         try:
@@ -102,11 +102,10 @@ def control_loop():
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
             log.fail_tick(error)  # ❌ Not converged, with the error; `failing` stays as it was
         seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # timer.sleep returns the next tick's trigger: `trigger` after `seconds`; "wake" at once
-        # if the API changed something (even during this tick) or the teacher resumed; "step"
-        # when the teacher steps (one tick, then paused again); None at exit. While paused, only
-        # step and resume end it (a wake or requeue due meanwhile is that tick). Pause and step
-        # act between ticks, never inside one.
+        # Sleep, then learn why the next tick runs. It is `trigger` after `seconds`. It is "wake"
+        # at once if the API changed something, even during this tick, or the teacher resumed.
+        # It is "step" when the teacher steps: one tick, then paused again. While paused, only a
+        # step or a resume starts a tick. None means exit.
         trigger = timer.sleep(seconds, trigger)
         if trigger is None:
             return
@@ -131,8 +130,8 @@ def run_tick(trigger, failing):
     desired, placements = schedule(desired, observed.live_nodes)
     unscheduled = [name for name, node in desired.items() if node is None]  # found no live node
     explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 changed a copy: write their decisions into the file and go on with what it
-    # declares now (a POST made meanwhile is the next tick's, which its wake brings at once).
+    # Steps 3 and 4 changed a copy. Write their decisions into the file, and go on with what it
+    # declares now. A POST made meanwhile waits for the next tick, which its wake brings at once.
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
@@ -157,10 +156,11 @@ last_answered = {node: time.monotonic() for node in NODES}
 
 
 def get_current_state(failing):
-    """Step 1, observe: ask every node, all at once, what it runs and how it is (a fact to log,
-    not an error: Unknown if it does not answer, NotReady if it fails or is in `failing`)."""
-    # {node: (names, truncated past 1 MiB), or the error: a NodeError if a command ran and failed
-    # (the read checks for sed, which writes need, and that its file is no directory), or another}
+    """Step 1, observe: ask every node, all at once, what it runs and how it is.
+
+    A node that fails is a fact to log, not an error: node_conditions() says what it is."""
+    # Each answer is (names, truncated) or the error. A NodeError means a command ran and failed:
+    # the read checks that sed (which writes need) exists and that the file is not a directory.
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
@@ -212,11 +212,11 @@ def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
     A NotReady node whose read worked is acted on too: what still runs there is stopped.
-    Returns (acted: a node whose action worked started or stopped something, {node: None, or
-    the error}). A failed node does not count for acted: the next tick retries it anyway."""
+    Returns (acted, {node: None, or the error}). acted is true when a node whose action worked
+    started or stopped something. A failed action does not count: the next tick retries it."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
-    # One SSH command per node, all at once: sed -i keeps only to_keep's lines (every stop, even
-    # of a line added since step 1; a failed sed changes nothing), then appends to_start.
+    # One SSH command per node, all at once. sed -i keeps only the to_keep lines, so every stop
+    # happens at once. Then to_start is appended. If sed fails, the file stays as it was.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
@@ -267,10 +267,10 @@ def schedule(desired, live_nodes):
 def apply_decisions(desired, orphans, placements):
     """Apply steps 3 and 4's decisions to `desired`, what the file declares now; return it.
 
-    The file may have changed since step 2 read it, so a decision applies only to a line still
-    as step 2 read it: an orphan still on its dead node, a placement still without a node
-    (optimistic concurrency; Kubernetes compares a resourceVersion, we the line). The next
-    tick decides the others again (this tick's log has told them: the next tells what was done)."""
+    The file may have changed since step 2 read it. So a decision applies only to a line that
+    still says what step 2 read: an orphan still on its dead node, a placement still without
+    a node. This is optimistic concurrency: Kubernetes compares a resourceVersion, we compare
+    the line. Other lines wait for the next tick, whose log then says what really happens."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -289,11 +289,10 @@ class NodePlan(NamedTuple):  # what reconcile will do on one node
 def diff_node(running, wanted):
     """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
 
-    Anything running but not wanted is stopped: an intruder, or a zombie left by a node
-    that was down while its containers moved. The node keeps a line only if it is exactly a
-    to_keep name (sed), so a wanted name listed twice loses both lines and is appended once
-    again: a STOP and a START in the log. Keeping only `to_keep` also removes what we could
-    not read past 1 MiB (but a copy of a kept name), once the node has anything to do."""
+    Anything running but not wanted is stopped: an intruder, or a zombie left by a node that
+    was down while its containers moved. sed keeps a line only if it is exactly a to_keep
+    name. So a wanted name listed twice loses both lines, then is appended once again: the
+    log shows a STOP and a START."""
     # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
     listed = Counter(running)
     wanted_set = set(wanted)
@@ -307,8 +306,8 @@ def diff_node(running, wanted):
 def plan_reconcile(running, desired, retry=()):
     """The diff for every node that answered ({node: names}): {node: NodePlan}, where work is.
 
-    retry: the nodes whose last write failed. Each gets an action even with an empty diff, the
-    only way to see that it writes again (its containers moved away: usually, a stop)."""
+    retry: the nodes whose last write failed. Each gets an action even with an empty diff:
+    it is the only way to see that the node can write again."""
     wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
@@ -341,8 +340,8 @@ def grace_periods(conditions, last_answered, now, grace):
     """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
 
     A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So we wait, as Kubernetes does: a crash costs about `grace` seconds
-    (from its last answer to the first tick past them); a node heard again keeps its own."""
+    would run them twice. So we wait, as Kubernetes does. A crash then costs about `grace`
+    seconds, counted from the node's last answer. A node heard again in time keeps its own."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -352,8 +351,10 @@ def grace_periods(conditions, last_answered, now, grace):
 
 
 def still_failing(failing, results):
-    """`failing` after this tick's actions ({node: None, or the error}): an action that
-    worked clears its node, one that failed on the node marks it, a silence proves nothing."""
+    """`failing` after this tick's actions. A full disk still reads fine, so only a failed write
+    shows it; the loop keeps it for the next tick, whose step 1 then calls the node NotReady.
+    An action that worked clears its node. One that failed on the node marks it. A silence
+    proves nothing."""
     failing = dict(failing)
     for node, error in results.items():
         if error is None:
@@ -364,10 +365,9 @@ def still_failing(failing, results):
 
 
 def verdict(results, unscheduled, in_grace):
-    """How the tick ends. A node given no action (silent past its grace, or whose read fails)
-    is not in `results`: it does not count, though it may still run what it should not.
-    Waiting: what a node in its grace period (even an empty one) runs is unknown. Converged:
-    every action sent worked (the requeue tick sees them done)."""
+    """How the tick ends. Waiting: a node in its grace period may run anything. Converged:
+    every action sent worked, and the requeue tick sees them done. A node given no action,
+    silent past its grace or whose read fails, is not in `results` and does not count."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
@@ -384,17 +384,16 @@ def when_to_tick_again(acted, trigger):
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed, so a teacher may edit it by hand (that wakes
-# nothing: the next tick reads it). The API thread and the loop change it only through
+# Blank lines and "# comments" are allowed, so a teacher may edit it by hand. That wakes
+# nothing: the next tick reads it. The API thread and the loop change it only through
 #     result = desired_file.update(change, *args)
-# which, under one lock, parses the file into `desired`, runs change(desired, *args), saves
-# `desired` and returns what change returned; if change raises (a 404, a 409), nothing is
-# saved. Saving rewrites only the lines that changed (a new name goes at the end) into a new
-# file renamed over the old one, so a reader never sees half a file. A teacher's editor takes
-# no lock, so update saves only if the file is still the one it parsed (same inode, size and
-# mtime); if not, it starts again from the new text. Two edits can still be lost: one saved
-# in the instant between that check and the rename, and any change undone by an editor that
-# saves a copy it opened before it (as in any editor: the last save wins).
+# Under one lock, update parses the file, runs change on what it declares, saves the result
+# and returns what change returned. If change raises (a 404, a 409), nothing is saved. A save
+# rewrites only the lines that changed, into a new file renamed over the old one: a reader
+# never sees half a file. A teacher's editor takes no lock, so update saves only if the file
+# is still the one it parsed (same inode, size and mtime). If not, it starts again from the
+# new text. Two edits can still be lost: one saved in the instant between that check and the
+# rename, and one undone by an editor that saves an older copy later (the last save wins).
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -445,8 +444,9 @@ def create_container():
     """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its view
     ({"name": "nginx", "node": null, "status": "unscheduled", ...}); the woken tick places it."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
-    name = machinery.container_name(body)  # 400 unless {"name": a DNS-1123 label}, as it will
-    # reach a node's shell: at most 63 of a-z, 0-9 and "-", with a letter or digit at each end
+    # The name will reach a node's shell, so only a DNS-1123 label gets through (else 400): at
+    # most 63 of a-z, 0-9 and "-", with a letter or digit at each end.
+    name = machinery.container_name(body)
     desired_file.update(declare, name)
     timer.wake()
     return jsonify(status.container_views({name: None})[0]), 201
