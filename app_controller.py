@@ -3,8 +3,8 @@
 You declare what should run in desired_state.txt, through a REST API. A loop compares it with
 what really runs on the nodes and acts on the difference, tick after tick. Each tick re-reads
 the *whole* state: it is level-triggered, not edge-triggered. So a missed event, a hand edit
-or a node dying behind our back is seen at the next tick. Kubernetes' controllers watch for
-changes but also resync everything now and then, for the same reason.
+or a node dying behind our back is seen at the next tick. Kubernetes' controllers, for the
+same reason, also re-process every object now and then, not only those that changed.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -71,8 +71,8 @@ REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to ch
 # original project's choice: they move at the first missed observation. Kubernetes waits 50 s
 # (node-monitor-grace-period), then 300 s more (the unreachable taint's toleration), because a
 # crashed node and a cut cable look alike. A NotReady node gets no grace here, though Kubernetes
-# gives it 300 s too: it answers, so step 5 can stop what it runs. If its read or that stop
-# fails, its containers may run twice.
+# gives it 300 s too: if its read works, step 5 stops what it runs there. If its read or that
+# stop fails, its containers may run twice.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -159,8 +159,8 @@ def get_current_state(failing):
     """Step 1, observe: ask every node, all at once, what it runs and how it is.
 
     A node that fails is a fact to log, not an error: node_conditions() says what it is."""
-    # Each answer is (names, truncated) or the error. A NodeError means a command ran and failed:
-    # the read checks that sed (which writes need) exists and that the file is not a directory.
+    # Each answer is (names, truncated: only the first 1 MiB was read) or the error. A NodeError
+    # means a command ran and failed: the read checks for sed, which writes need, and for a file.
     answers = nodes.read_running_files()
     now = time.monotonic()
     conditions = node_conditions(answers, failing)
@@ -216,7 +216,8 @@ def reconcile(observed, desired, failing):
     started or stopped something. A failed action does not count: the next tick retries it."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
     # One SSH command per node, all at once. sed -i keeps only the to_keep lines, so every stop
-    # happens at once. Then to_start is appended. If sed fails, the file stays as it was.
+    # happens at once. Then to_start is appended. If sed fails, the file stays as it was; if
+    # only the append fails, the stops are done.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
@@ -270,7 +271,7 @@ def apply_decisions(desired, orphans, placements):
     The file may have changed since step 2 read it. So a decision applies only to a line that
     still says what step 2 read: an orphan still on its dead node, a placement still without
     a node. This is optimistic concurrency: Kubernetes compares a resourceVersion, we compare
-    the line. Other lines wait for the next tick, whose log then says what really happens."""
+    the line. A dropped decision's log line did not happen; the next tick decides again."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -351,10 +352,9 @@ def grace_periods(conditions, last_answered, now, grace):
 
 
 def still_failing(failing, results):
-    """`failing` after this tick's actions. A full disk still reads fine, so only a failed write
-    shows it; the loop keeps it for the next tick, whose step 1 then calls the node NotReady.
-    An action that worked clears its node. One that failed on the node marks it. A silence
-    proves nothing."""
+    """`failing` after this tick's actions. A full disk still reads fine: only a failed write
+    shows it, so the loop keeps it for the next tick, whose step 1 calls the node NotReady.
+    An action that worked clears its node; one that failed there marks it; silence, nothing."""
     failing = dict(failing)
     for node, error in results.items():
         if error is None:
@@ -366,8 +366,8 @@ def still_failing(failing, results):
 
 def verdict(results, unscheduled, in_grace):
     """How the tick ends. Waiting: a node in its grace period may run anything. Converged:
-    every action sent worked, and the requeue tick sees them done. A node given no action,
-    silent past its grace or whose read fails, is not in `results` and does not count."""
+    every action sent worked; the requeue tick then looks. A node given no action (silent
+    past its grace, or whose read fails) is not in `results`: it does not count."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
