@@ -156,9 +156,7 @@ last_answered = {node: time.monotonic() for node in NODES}
 
 
 def get_current_state(failing):
-    """Step 1, observe: ask every node, all at once, what it runs and how it is.
-
-    A node that fails is a fact to log, not an error: node_conditions() says what it is."""
+    """Step 1, observe: ask every node, all at once, what it runs and how it is."""
     # Each answer is (names, truncated: only the first 1 MiB was read) or the error. A NodeError
     # means a command ran and failed: the read checks for sed, which writes need, and for a file.
     answers = nodes.read_running_files()
@@ -212,8 +210,8 @@ def reconcile(observed, desired, failing):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
     A NotReady node whose read worked is acted on too: what still runs there is stopped.
-    Returns (acted, {node: None, or the error}). acted is true when a node whose action worked
-    started or stopped something. A failed action does not count: the next tick retries it."""
+    Returns (acted, {node: None, or the error}): acted if a node whose action worked started or
+    stopped something."""
     plan = plan_reconcile(observed.running, desired, retry=failing)
     # One SSH command per node, all at once. sed -i keeps only the to_keep lines, so every stop
     # happens at once. Then to_start is appended. If sed fails, the file stays as it was; if
@@ -307,8 +305,7 @@ def diff_node(running, wanted):
 def plan_reconcile(running, desired, retry=()):
     """The diff for every node that answered ({node: names}): {node: NodePlan}, where work is.
 
-    retry: the nodes whose last write failed. Each gets an action even with an empty diff:
-    it is the only way to see that the node can write again."""
+    retry: the nodes in `failing` get an action even with an empty diff (see still_failing)."""
     wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
@@ -352,9 +349,12 @@ def grace_periods(conditions, last_answered, now, grace):
 
 
 def still_failing(failing, results):
-    """`failing` after this tick's actions. A full disk still reads fine: only a failed write
-    shows it, so the loop keeps it for the next tick, whose step 1 calls the node NotReady.
-    An action that worked clears its node; one that failed there marks it; silence, nothing."""
+    """`failing` after this tick's actions: the loop's memory of its failed writes.
+
+    A full disk still reads fine, so only a failed write shows it. The loop keeps that node in
+    `failing` for the next tick: step 1 calls it NotReady, step 3 moves its containers away,
+    and step 5 gives it an action anyway, the only way to see it write again. A write that
+    works takes the node out; a silence proves nothing."""
     failing = dict(failing)
     for node, error in results.items():
         if error is None:
