@@ -62,6 +62,7 @@ apply is accepted and changes nothing), TLS.
 """
 
 import atexit
+import functools
 import json
 import re
 import secrets
@@ -1106,35 +1107,15 @@ def register(app, backend, **options):
                                   f"{request.method} is not supported on {request.path} (only {method})")
         return handler(*args)
 
-    @routes.route("/api", methods=ALL_METHODS)
-    def api_root():
-        """GET /api: discovery, the core group."""
-        return only("GET", kubernetes.discovery_root)
-
-    @routes.route("/apis", methods=ALL_METHODS)
-    def apis_root():
-        """GET /apis: discovery, the other groups (none)."""
-        return only("GET", kubernetes.discovery_groups)
-
-    @routes.route("/api/v1", methods=ALL_METHODS)
-    def api_v1():
-        """GET /api/v1: discovery, the resources."""
-        return only("GET", kubernetes.discovery_resources)
-
-    @routes.route("/version", methods=ALL_METHODS)
-    def version():
-        """GET /version."""
-        return only("GET", kubernetes.server_version)
-
-    @routes.route("/openapi/v3", methods=ALL_METHODS)
-    def openapi_index():
-        """GET /openapi/v3: the index of OpenAPI documents."""
-        return only("GET", kubernetes.openapi_index)
-
-    @routes.route("/openapi/v3/api/v1", methods=ALL_METHODS)
-    def openapi_v1():
-        """GET /openapi/v3/api/v1: the core group's OpenAPI document."""
-        return only("GET", kubernetes.openapi_v1)
+    # Discovery, the version and the OpenAPI documents: GET only, one view each.
+    for path, view in [("/api", kubernetes.discovery_root),           # the core group
+                       ("/apis", kubernetes.discovery_groups),        # the other groups (none)
+                       ("/api/v1", kubernetes.discovery_resources),   # the core group's resources
+                       ("/version", kubernetes.server_version),
+                       ("/openapi/v3", kubernetes.openapi_index),     # the index of documents
+                       ("/openapi/v3/api/v1", kubernetes.openapi_v1)]:  # the core group's document
+        routes.add_url_rule(path, view.__name__, functools.partial(only, "GET", view),
+                            methods=ALL_METHODS)
 
     @routes.route("/api/v1/pods", methods=ALL_METHODS)
     def all_pods():
