@@ -1,43 +1,46 @@
 """pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
 
-You declare what should run in desired_state.txt, through a REST API. A loop compares it with
-what really runs on the nodes and acts on the difference, tick after tick. Each tick re-reads
-the *whole* state: it is level-triggered, not edge-triggered. So a missed event, a hand edit
-or a node dying behind our back is seen at the next tick. Kubernetes' controllers, for the
-same reason, also re-process every object now and then, not only those that changed.
+You declare what should run, through a REST API that writes desired_state.txt. A loop
+compares that with what really runs on the nodes, and acts on the difference. It does so
+at every tick, from the whole state: it is level-triggered, not edge-triggered. So a missed
+event, a hand edit or a node dying behind our back is seen at the next tick.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
         2. get_desired_state()      read what was declared             the API server, etcd
         3. cleanup_dead_nodes()     unassign what sat on dead nodes    node lifecycle controller
         4. schedule()               place what has no node             kube-scheduler
-        5. reconcile()              diff, then start and stop          kubelets' sync, done here
-        sleep TICK_SECONDS from its end (0.3 s once, to check a tick that acted), or less if woken
+        5. reconcile()              diff, then start and stop          each kubelet's sync
+        sleep TICK_SECONDS, or less: 0.3 s after a tick that acted, at once when woken
 
-Push or pull? The name pull-mode comes from the talk this project grew from
-(github.com/silefort/duckConfKubernetes; its five steps and French log are kept: LOG_LANG=fr).
-The talk compares two designs:
+Push or pull? The name comes from the talk this project grew from
+(github.com/silefort/duckConfKubernetes; LOG_LANG=fr keeps its French log). It compares:
 
                the center keeps               who changes a node
     push       orders ("start nginx there")   the center, once per order: a lost one is lost
     pull       what should run (declared)     each node's own agent, again and again
     this file  what should run (declared)     the center, this loop, again at every tick
 
-Kubernetes is pull: each node's kubelet watches the API server for the pods bound to its node,
-and runs them. This file keeps what makes pull converge: a declared state, compared with what
-runs at every tick, so a lost action is redone. But to stay one program you can read, it runs
-no agent on the nodes. Its loop reaches into each node over SSH, as a push center would.
+Kubernetes is pull: each node's kubelet watches the API server for its pods and runs them.
+This file keeps what makes pull converge: a declared state, compared at every tick, so a
+lost action is redone. But it runs no agent on the nodes, to stay one program you can read:
+its loop reaches into each node over SSH, as a push center would.
 
-Words. A "container" is simulated: node N runs the names listed, one per line, in its file
-N_running.txt. Starting appends a line; stopping removes it. An intruder is a line nobody
-declared. A zombie is a line still listed by a node that was away while its container moved: a
-stopped node keeps its file, as a machine keeps its disk. A node is Ready if it answers and
-works, NotReady if it answers but a command fails there, Unknown if it does not answer within
-SSH_TIMEOUT (or refuses us, or our key): a crashed node and a cut cable look the same. Left
-out: real containers, etcd, leader election, heartbeats. machinery.py holds what the lesson
-stands on: checked settings, SSH connections, safe writes, the timer, the log's words, the
-page's data. Its names say what they do, so you need not read it, nor kubernetes_api.py, which
-shows the same cluster to the real kubectl.
+Words:
+    container  simulated: node N runs the names listed, one per line, in its file
+               N_running.txt. Starting one appends a line; stopping it removes the line.
+    intruder   a line that nobody declared.
+    zombie     a line left on a node that was away while its container moved elsewhere
+               (a stopped node keeps its file, as a machine keeps its disk).
+    Ready      the node answers, and its commands work.
+    NotReady   the node answers, but a command fails there.
+    Unknown    no command could run: no answer within SSH_TIMEOUT, or a refusal.
+               A crashed node and a cut cable look the same.
+
+Left out: real containers, etcd, leader election. machinery.py holds what this file stands
+on (checked settings, SSH connections, safe writes, the timer, the log's words, the page's
+data); kubernetes_api.py shows the same cluster to the real kubectl. Their names say what
+they do: you need not read them.
 """
 
 import os
@@ -52,27 +55,25 @@ import kubernetes_api
 import machinery
 
 # --- Settings: environment variables, checked at start -----------------------
-settings = machinery.Settings()  # a bad value: main() says which in one line, exit status 2
+settings = machinery.Settings()  # a bad value: main() names it in one line, exit status 2
 
 SSH_PORT = settings.port("SSH_PORT", 22)
 # "node-1,node-2=10.0.0.2:2202": a node's address is its name unless given (compose's DNS).
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
-# One slow node must not freeze the lesson: past this many seconds without an answer, Unknown.
-# Step 1 waits that long at most, for all nodes at once, so a silent node lengthens each tick.
+# A node silent this long is Unknown. All nodes are asked at once, so a silent node makes a
+# tick this much longer, and the other nodes are not kept waiting.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long a silent (Unknown) node keeps its containers before they move elsewhere. 0 is the
-# original project's choice: they move at the first missed observation. Kubernetes waits 50 s
-# (node-monitor-grace-period), then 300 s more (the unreachable taint's toleration), because a
-# crashed node and a cut cable look alike. A NotReady node gets no grace here, though Kubernetes
-# gives it 300 s too: if its read works, step 5 stops what it runs there. If its read or that
-# stop fails, its containers may run twice.
+# How long an Unknown node keeps its containers before they move. 0 is the original project's
+# choice: they move at the node's first silence. Kubernetes waits 50 s (node-monitor-grace-
+# period), then 300 s (the unreachable taint's toleration): a crash and a cut cable look alike.
+# A NotReady node gets no grace here: it answers, so step 5 can stop what it still runs.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -92,55 +93,53 @@ timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    failing = {}       # node -> why its last write failed there (see still_failing)
+    failed_writes = {}  # node -> why its last write failed there: see still_failing()
     while True:
         acted = False
         try:
-            acted, failing = run_tick(trigger, failing)  # the five steps
+            acted, failed_writes = run_tick(trigger, failed_writes)  # the five steps
         except machinery.ShuttingDown:
             return
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
-            log.fail_tick(error)  # ❌ Not converged, with the error; `failing` stays as it was
-        seconds, trigger = when_to_tick_again(acted, trigger)  # when, and why, the next tick
-        # Sleep, then learn why the next tick runs. It is `trigger` after `seconds`. It is "wake"
-        # at once if the API changed something, even during this tick, or the teacher resumed.
-        # It is "step" when the teacher steps: one tick, then paused again. While paused, only a
-        # step or a resume starts a tick. None means exit.
-        trigger = timer.sleep(seconds, trigger)
+            log.fail_tick(error)  # ❌ Not converged, with the error; failed_writes is unchanged
+        seconds, trigger = when_to_tick_again(acted, trigger)
+        # Sleep that long, or less: an API change or the teacher's resume wakes the loop at once
+        # ("wake"). While paused, only the teacher's step ("step") or resume starts a tick.
+        trigger = timer.sleep(seconds, trigger)  # why the next tick runs; None: we are stopping
         if trigger is None:
             return
 
 
-def run_tick(trigger, failing):
-    """One tick: the five steps. Returns (whether it started or stopped something, failing)."""
+def run_tick(trigger, failed_writes):
+    """One tick: the five steps. Returns (did it start or stop something?, failed_writes)."""
     log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
-    observed = get_current_state(failing)
+    observed = get_current_state(failed_writes)
 
     log.begin_step(2)  # READ what the users declared (the API server's objects)
-    desired = get_desired_state()  # what the file declares: {name: node or None}
+    desired = get_desired_state()  # {name: its node, or None if it has none yet}
 
     log.begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
-    # A node in its grace period keeps its containers: it may only be cut off.
-    desired, orphans = cleanup_dead_nodes(desired, observed.live_nodes + list(observed.in_grace))
+    holding_nodes = observed.live_nodes + list(observed.in_grace)  # in grace: it may be cut off
+    desired, orphans = cleanup_dead_nodes(desired, holding_nodes)
     explain_cleanup(orphans, observed)
 
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, observed.live_nodes)
-    unscheduled = [name for name, node in desired.items() if node is None]  # found no live node
+    unscheduled = [name for name, node in desired.items() if node is None]  # no live node
     explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 changed a copy. Write their decisions into the file, and go on with what it
-    # declares now. A POST made meanwhile waits for the next tick, which its wake brings at once.
+    # Steps 3 and 4 changed a copy. Write their decisions into the file, then go on with what
+    # the file declares now: an API thread may have changed it meanwhile (see "Two writers").
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
-    acted, results = reconcile(observed, desired, failing)
-    failing = still_failing(failing, results)  # the next tick's step 1 calls these NotReady
+    acted, results = reconcile(observed, desired, failed_writes)
+    failed_writes = still_failing(failed_writes, results)  # the next tick's step 1 reads it
 
     outcome = verdict(results, unscheduled, observed.in_grace)  # ✅ Converged, ⏳ Waiting or ❌
     log.end_tick(outcome, results, unscheduled, observed.in_grace)  # the log says which, and why
-    return acted, failing
+    return acted, failed_writes
 
 
 # --- The five steps: ask the nodes, read the file, tell the class ------------
@@ -151,18 +150,16 @@ class Observation(NamedTuple):  # what step 1 saw
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
 
-# Step 1's memory: when each node last answered (first, at start): its silence counts from there.
+# When each node last answered (at start: now). A silent node's grace counts from there.
 last_answered = {node: time.monotonic() for node in NODES}
 
 
-def get_current_state(failing):
-    """Step 1, observe: ask every node, all at once, what it runs and how it is."""
-    # Each answer is (names, truncated: only the first 1 MiB was read) or the error. A NodeError
-    # means a command ran and failed: the read checks for sed, which writes need, and for a file.
-    answers = nodes.read_running_files()
+def get_current_state(failed_writes):
+    """Step 1, observe: ask every node, all at once, what it runs and whether it works."""
+    answers = nodes.read_running_files()  # node -> NodeFile(names, truncated), or the error
     now = time.monotonic()
-    conditions = node_conditions(answers, failing)
-    running = {node: answer[0] for node, answer in answers.items()
+    conditions = node_conditions(answers, failed_writes)
+    running = {node: answer.names for node, answer in answers.items()
                if not isinstance(answer, Exception)}
     for node in NODES:
         if conditions[node][0] != "Unknown":  # it answered, even with an error
@@ -206,16 +203,15 @@ def explain_schedule(placements, unscheduled):
         log.say("unschedulable", name=name)  # ⏳ app7: no live node, stays unscheduled
 
 
-def reconcile(observed, desired, failing):
+def reconcile(observed, desired, failed_writes):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
-    A NotReady node whose read worked is acted on too: what still runs there is stopped.
-    Returns (acted, {node: None, or the error}): acted if a node whose action worked started or
-    stopped something."""
-    plan = plan_reconcile(observed.running, desired, retry=failing)
-    # One SSH command per node, all at once. sed -i keeps only the to_keep lines, so every stop
-    # happens at once. Then to_start is appended. If sed fails, the file stays as it was; if
-    # only the append fails, the stops are done.
+    Returns (acted, results). results: {node: None, or the error}, for each node given an
+    action. acted: on some node whose action worked, something was started or stopped."""
+    plan = plan_reconcile(observed.running, desired, retry=failed_writes)
+    # One SSH command per node, all at once: the file keeps only the to_keep lines (so every
+    # stop happens at once), then to_start is appended. If the first part fails, the file is
+    # as it was.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():
         log.record_actions(node, desired, observed.running[node], p, results[node])
@@ -229,12 +225,45 @@ def reconcile(observed, desired, failing):
 
 
 # --- The decisions: pure functions over plain data, tested without a network -
+def node_conditions(answers, failed_writes):
+    """Step 1: each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
+
+    A NodeError means the read ran and failed there (no sed, its file a directory)."""
+    conditions = {}
+    for node, answer in answers.items():
+        if isinstance(answer, machinery.NodeError):
+            conditions[node] = ("NotReady", log.describe(answer))
+        elif isinstance(answer, Exception):
+            conditions[node] = ("Unknown", log.describe(answer))
+        elif node in failed_writes:
+            why = log.message("reason_actions_failed", error=failed_writes[node])
+            conditions[node] = ("NotReady", why)
+        else:
+            conditions[node] = ("Ready", None)
+    return conditions
+
+
+def grace_periods(conditions, last_answered, now, grace):
+    """Step 1: the Unknown nodes that keep their containers for now: {node: (silent for,
+    eviction in)}, in seconds.
+
+    A node cut off by the network still runs its containers: starting them elsewhere at once
+    would run them twice. So we wait, as Kubernetes does. A crash then costs about `grace`
+    seconds, counted from the node's last answer. A node heard again in time keeps its own."""
+    in_grace = {}
+    for node, (condition, _) in conditions.items():
+        silent_for = now - last_answered[node]
+        if condition == "Unknown" and silent_for < grace:
+            in_grace[node] = (silent_for, grace - silent_for)
+    return in_grace
+
+
 def cleanup_dead_nodes(desired, holding_nodes):
-    """Unassign every container whose node may no longer hold it (NotReady, silent past its
-    grace, or not a node): it becomes an orphan, (name, the node it lost), that step 4 places
-    again at once. holding_nodes: the live nodes and those in their grace period. Returns (new
-    desired, orphans). Nothing moves back when a node returns. (Kubernetes never moves a pod:
-    it deletes it, and its ReplicaSet makes a new one to schedule.)"""
+    """Step 3: unassign every container whose node may no longer hold it: NotReady, silent
+    past its grace, or not a node at all. holding_nodes: the Ready nodes and those in their
+    grace period. Returns (new desired, orphans). An orphan is (name, the node it lost), and
+    step 4 places it again at once. Nothing moves back when a node returns. (Kubernetes does
+    not move a pod: it deletes it, and its ReplicaSet makes a new one.)"""
     cleaned, orphans = {}, []
     for name, node in desired.items():
         if node is not None and node not in holding_nodes:
@@ -245,11 +274,11 @@ def cleanup_dead_nodes(desired, holding_nodes):
 
 
 def schedule(desired, live_nodes):
-    """Assign every unassigned container to a live node. Returns (new desired, placements).
+    """Step 4: give every unassigned container a live node. Returns (new desired, placements).
 
-    Each goes to the live node with the fewest containers assigned, the first in NODES order
-    on a tie: from empty nodes that is round-robin, and after a failure it fills the emptiest
-    nodes first. A placement is (name, node, the loads it compared): why node-2, not node-3."""
+    Each goes to the live node with the fewest containers assigned; on a tie, to the first in
+    NODES order. From empty nodes, that is round-robin; after a failure, the emptiest nodes
+    fill first. A placement is (name, node, the loads compared): it shows why that node."""
     assigned = Counter(desired.values())  # node -> how many containers the file gives it
     load = {node: assigned[node] for node in live_nodes}
     scheduled, placements = {}, []
@@ -264,12 +293,12 @@ def schedule(desired, live_nodes):
 
 
 def apply_decisions(desired, orphans, placements):
-    """Apply steps 3 and 4's decisions to `desired`, what the file declares now; return it.
+    """Steps 3 and 4's decisions, applied to `desired`, what the file declares now.
 
     The file may have changed since step 2 read it. So a decision applies only to a line that
-    still says what step 2 read: an orphan still on its dead node, a placement still without
-    a node. This is optimistic concurrency: Kubernetes compares a resourceVersion, we compare
-    the line. A dropped decision's log line did not happen; the next tick decides again."""
+    still says what step 2 read: an orphan still on its dead node, a placement still without a
+    node. Any other decision is dropped, even if the log printed it; the next tick decides
+    again. (Kubernetes, for the same reason, checks an object's resourceVersion.)"""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -279,33 +308,29 @@ def apply_decisions(desired, orphans, placements):
     return desired
 
 
-class NodePlan(NamedTuple):  # what reconcile will do on one node
+class NodePlan(NamedTuple):  # what step 5 will do on one node
     to_start: list  # wanted, not running: a line to append
-    to_stop: list   # running, not wanted here (intruders, zombies) or listed twice: for the log
-    to_keep: list   # wanted and running once: the node's file keeps these lines, and only these
+    to_stop: list   # running, not wanted (intruders, zombies), or listed twice: for the log
+    to_keep: list   # wanted and listed once: the node's file keeps these lines, and only these
 
 
 def diff_node(running, wanted):
-    """What to start, stop and keep so that a node running `running` runs `wanted`, each once.
+    """Step 5: what to start, stop and keep, so that a node running `running` runs `wanted`.
 
-    Anything running but not wanted is stopped: an intruder, or a zombie left by a node that
-    was down while its containers moved. sed keeps a line only if it is exactly a to_keep
-    name. So a wanted name listed twice loses both lines, then is appended once again: the
+    A wanted name listed twice is not kept: its two lines go, then it is appended once. The
     log shows a STOP and a START."""
-    # name -> how many lines list it: a Counter and a set, so 200,000 lines cost milliseconds.
-    listed = Counter(running)
-    wanted_set = set(wanted)
-    listed_twice = {name for name in wanted if listed[name] > 1}
+    listed = Counter(running)  # name -> how many of the node's lines list it
+    to_keep = [name for name in wanted if listed[name] == 1]
+    kept = set(to_keep)
     return NodePlan(
-        to_start=[name for name in wanted if name not in listed or name in listed_twice],
-        to_stop=[name for name in listed if name not in wanted_set or name in listed_twice],
-        to_keep=[name for name in wanted if listed[name] == 1])
+        to_start=[name for name in wanted if listed[name] != 1],  # missing, or listed twice
+        to_stop=[name for name in listed if name not in kept],    # unwanted, or listed twice
+        to_keep=to_keep)
 
 
 def plan_reconcile(running, desired, retry=()):
-    """The diff for every node that answered ({node: names}): {node: NodePlan}, where work is.
-
-    retry: the nodes in `failing` get an action even with an empty diff (see still_failing)."""
+    """Step 5: the diff for every node that answered ({node: names}): {node: NodePlan}, for
+    the nodes with work to do. retry: nodes that get an action anyway (see still_failing)."""
     wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
@@ -318,65 +343,35 @@ def plan_reconcile(running, desired, retry=()):
     return plan
 
 
-def node_conditions(answers, failing):
-    """Each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}."""
-    conditions = {}
-    for node, answer in answers.items():
-        if isinstance(answer, machinery.NodeError):
-            conditions[node] = ("NotReady", log.describe(answer))
-        elif isinstance(answer, Exception):
-            conditions[node] = ("Unknown", log.describe(answer))
-        elif node in failing:
-            why = log.message("reason_actions_failed", error=failing[node])
-            conditions[node] = ("NotReady", why)
-        else:
-            conditions[node] = ("Ready", None)
-    return conditions
+def still_failing(failed_writes, results):
+    """Step 5's memory for the next tick: failed_writes, after this tick's actions.
 
-
-def grace_periods(conditions, last_answered, now, grace):
-    """Unknown nodes that keep their containers for now: {node: (silent for, eviction in)}, in s.
-
-    A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So we wait, as Kubernetes does. A crash then costs about `grace`
-    seconds, counted from the node's last answer. A node heard again in time keeps its own."""
-    in_grace = {}
-    for node, (condition, _) in conditions.items():
-        silent_for = now - last_answered[node]
-        if condition == "Unknown" and silent_for < grace:
-            in_grace[node] = (silent_for, grace - silent_for)
-    return in_grace
-
-
-def still_failing(failing, results):
-    """`failing` after this tick's actions: the loop's memory of its failed writes.
-
-    A full disk still reads fine, so only a failed write shows it. The loop keeps that node in
-    `failing` for the next tick: step 1 calls it NotReady, step 3 moves its containers away,
-    and step 5 gives it an action anyway, the only way to see it write again. A write that
-    works takes the node out; a silence proves nothing."""
-    failing = dict(failing)
+    A full disk still reads fine: only a failed write shows it. So a node whose write failed
+    stays in failed_writes until a write works there. Meanwhile, step 1 calls it NotReady,
+    step 3 moves its containers away, and step 5 gives it an action even with nothing to do:
+    the only way to see it write again. A silence proves nothing: the node stays as it was."""
+    failed_writes = dict(failed_writes)
     for node, error in results.items():
         if error is None:
-            failing.pop(node, None)
+            failed_writes.pop(node, None)
         elif isinstance(error, machinery.NodeError):
-            failing[node] = log.describe(error)
-    return failing
+            failed_writes[node] = log.describe(error)
+    return failed_writes
 
 
 def verdict(results, unscheduled, in_grace):
-    """How the tick ends. Waiting: a node in its grace period may run anything. Converged:
-    every action sent worked; the requeue tick then looks. A node given no action (silent
-    past its grace, or whose read fails) is not in `results`: it does not count."""
+    """How the tick ends: ❌ Not converged if an action failed or a container has no node;
+    else ⏳ Waiting while a node is in its grace period (nobody knows what it runs); else ✅
+    Converged. An action that worked counts as done: the requeue tick looks again."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
 
 
 def when_to_tick_again(acted, trigger):
-    """(seconds to sleep, why the next tick will run): the whole requeue rule. A tick that
-    started or stopped something is checked REQUEUE_SECONDS later, once: if the check acts
-    again, the timer decides, so a node that keeps changing cannot make the loop spin."""
+    """(seconds to sleep, why the next tick runs): the whole requeue rule. A tick that started
+    or stopped something is checked REQUEUE_SECONDS later, once. If that check acts again, the
+    timer decides: a node that keeps changing cannot make the loop spin."""
     if acted and trigger != "requeue":
         return REQUEUE_SECONDS, "requeue"
     return TICK_SECONDS, "timer"
@@ -384,16 +379,20 @@ def when_to_tick_again(acted, trigger):
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed, so a teacher may edit it by hand. That wakes
-# nothing: the next tick reads it. The API thread and the loop change it only through
+# Blank lines and "# comments" are allowed: a teacher may edit it by hand, and the next tick
+# reads the edit.
+#
+# Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
 #     result = desired_file.update(change, *args)
-# Under one lock, update parses the file, runs change on what it declares, saves the result
-# and returns what change returned. If change raises (a 404, a 409), nothing is saved. A save
-# rewrites only the lines that changed, into a new file renamed over the old one: a reader
-# never sees half a file. A teacher's editor takes no lock, so update saves only if the file
-# is still the one it parsed (same inode, size and mtime). If not, it starts again from the
-# new text. Two edits can still be lost: one saved in the instant between that check and the
-# rename, and one undone by an editor that saves an older copy later (the last save wins).
+# which, holding one lock:
+#   1. parses the file into `desired`;
+#   2. calls change(desired, *args); if it raises (a 404, a 409), nothing is saved;
+#   3. saves `desired`, if the file is still the one it parsed: a teacher's editor takes no
+#      lock, so after a hand edit it goes back to 1, with the new text;
+#   4. returns what change returned.
+# So no update overwrites another. The save is atomic: a new file, renamed over the old one.
+# A hand edit can still be lost: one saved in the instant between the check and the rename,
+# or an editor saving, later, the old copy it opened.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).

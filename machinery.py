@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from typing import NamedTuple
 
 import paramiko
 from flask import abort, jsonify, request, send_file
@@ -382,7 +383,7 @@ class TickLog:
     def say_node(self, node, condition, answer, in_grace):
         """Step 1's line for one node: what it runs, or why it is not Ready.
 
-        condition: (Ready | NotReady | Unknown, reason); answer: (names, truncated) or the
+        condition: (Ready | NotReady | Unknown, reason); answer: a NodeFile or the
         error; in_grace: (silent for, eviction in) for a silent node in its grace period."""
         state, reason = condition
         if in_grace:
@@ -546,15 +547,21 @@ def observe_command(state_dir, node):
             f"[ ! -e \"$f\" ] || head -c {MAX_READ_BYTES + 1} \"$f\"")
 
 
+class NodeFile(NamedTuple):
+    """What a node's file lists, as step 1 read it."""
+    names: list      # one per line, in file order
+    truncated: bool  # only the first MAX_READ_BYTES were read
+
+
 def parse_running_file(output):
-    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES). Returns (names, truncated).
+    """The names in a node's file (bytes, maybe cut at MAX_READ_BYTES), as a NodeFile.
 
     A file cut short ends with a partial line: we keep it. It is garbage (or the start
     of one), so step 5 acts on that node, and its action, keeping only the wanted
     lines, also removes everything we did not read."""
     truncated = len(output) > MAX_READ_BYTES
     text = output[:MAX_READ_BYTES].decode("utf-8", errors="replace")
-    return [line for line in text.split("\n") if line], truncated
+    return NodeFile([line for line in text.split("\n") if line], truncated)
 
 
 def act_command(state_dir, node, keep, to_start):
@@ -603,7 +610,7 @@ class Nodes:
         self.handshakes = {node: 0 for node in addresses}  # shown by GET /api/nodes: reuse is visible
 
     def read_running_files(self):
-        """{node: (names, truncated) or the error}: what every node's file lists."""
+        """{node: NodeFile(names, truncated) or the error}: what every node's file lists."""
         answers = self.on_every_node({node: observe_command(self.state_dir, node) for node in self.addresses})
         return {node: answer if isinstance(answer, Exception) else parse_running_file(answer)
                 for node, answer in answers.items()}

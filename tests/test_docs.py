@@ -83,6 +83,19 @@ def test_the_readme_is_read_in_five_minutes_and_its_first_demo_comes_early():
     assert first_demo <= 100, f"demo 1 starts at line {first_demo}"
 
 
+
+def test_the_lesson_is_read_in_one_sitting_and_the_machinery_never_imports_it():
+    """app_controller.py is the textbook: at most 500 lines, the loop in its first 100; the
+    modules beside it import nothing from it, so the arrows point one way."""
+    lines = (REPO / "app_controller.py").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 500, f"app_controller.py has {len(lines)} lines"
+    loop = next(number for number, line in enumerate(lines, start=1)
+                if line.strip() == "while True:" and line.startswith("    "))
+    assert loop <= 100, f"the control loop's while True is at line {loop}"
+    for module in ("machinery.py", "kubernetes_api.py"):
+        text = (REPO / module).read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(import|from)\s+app_controller\b", text, re.M), module
+
 # --- one script for the demos ------------------------------------------------------------
 
 def test_the_plan_has_every_demo_with_commands_and_what_they_show():

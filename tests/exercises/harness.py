@@ -75,8 +75,9 @@ class FakeCluster:
         controller.nodes = self
 
     def read_running_files(self):
-        """What Nodes.read_running_files() answers: {node: (names, truncated) or the error}."""
-        return {node: TimeoutError() if node in self.down else (list(self.files[node]), False)
+        """What Nodes.read_running_files() answers: {node: NodeFile(names, truncated) or the error}."""
+        node_file = self.controller.machinery.NodeFile
+        return {node: TimeoutError() if node in self.down else node_file(list(self.files[node]), False)
                 for node in self.files}
 
     def keep_and_start(self, plans):
