@@ -1,9 +1,11 @@
 """pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
 
 You declare what should run, through a REST API that writes desired_state.txt. A loop
-compares that with what really runs on the nodes, and acts on the difference. It does so
-at every tick, from the whole state: it is level-triggered, not edge-triggered. So a missed
-event, a hand edit or a node dying behind our back is seen at the next tick.
+compares that with what really runs on the nodes, and acts on the difference. Each tick
+starts again from the whole state, so the loop is level-triggered, not edge-triggered: a
+missed event, a hand edit or a node dying behind our back is seen at the next tick. Only two
+facts go from one tick to the next (when each node last answered, and whose last write
+failed), and a restart forgets them.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -35,12 +37,10 @@ Words:
     Ready      the node answers, and its commands work.
     NotReady   the node answers, but a command fails there.
     Unknown    no command could run: no answer within SSH_TIMEOUT, or a refusal.
-               A crashed node and a cut cable look the same.
 
-Left out: real containers, etcd, leader election. machinery.py holds what this file stands
-on (checked settings, SSH connections, safe writes, the timer, the log's words, the page's
-data); kubernetes_api.py shows the same cluster to the real kubectl. Their names say what
-they do: you need not read them.
+Left out: real containers, etcd, leader election. machinery.py holds what this file stands on
+(checked settings, SSH connections, safe writes, the timer, the log's words, the page's data),
+kubernetes_api.py shows the cluster to kubectl. You need not read them: their names say it.
 """
 
 import os
@@ -62,8 +62,8 @@ SSH_PORT = settings.port("SSH_PORT", 22)
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
-# A node silent this long is Unknown. All nodes are asked at once, so a silent node makes a
-# tick this much longer, and the other nodes are not kept waiting.
+# A node silent this long is Unknown. All nodes are asked at once, in parallel, so a silent
+# node makes a tick longer by this much, not by this much per node.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
@@ -72,8 +72,9 @@ TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
 # How long an Unknown node keeps its containers before they move. 0 is the original project's
 # choice: they move at the node's first silence. Kubernetes waits 50 s (node-monitor-grace-
-# period), then 300 s (the unreachable taint's toleration): a crash and a cut cable look alike.
-# A NotReady node gets no grace here: it answers, so step 5 can stop what it still runs.
+# period), then 300 s (the unreachable taint's toleration), because a crash and a cut cable
+# look alike. A NotReady node gets no grace here. It answers, so if its read works, step 5
+# stops what still runs there; if its read fails, its containers may run twice for a while.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 # Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
@@ -103,9 +104,10 @@ def control_loop():
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
             log.fail_tick(error)  # ❌ Not converged, with the error; failed_writes is unchanged
         seconds, trigger = when_to_tick_again(acted, trigger)
-        # Sleep that long, or less: an API change or the teacher's resume wakes the loop at once
-        # ("wake"). While paused, only the teacher's step ("step") or resume starts a tick.
-        trigger = timer.sleep(seconds, trigger)  # why the next tick runs; None: we are stopping
+        # Sleep that long, then run the next tick for `trigger`. An API change (even one made
+        # during this tick) or the teacher's resume ends the sleep at once: "wake". While
+        # paused, only the teacher's step ("step") or resume starts a tick.
+        trigger = timer.sleep(seconds, trigger)  # None: the process is stopping
         if trigger is None:
             return
 
@@ -129,8 +131,9 @@ def run_tick(trigger, failed_writes):
     desired, placements = schedule(desired, observed.live_nodes)
     unscheduled = [name for name, node in desired.items() if node is None]  # no live node
     explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 changed a copy. Write their decisions into the file, then go on with what
-    # the file declares now: an API thread may have changed it meanwhile (see "Two writers").
+    # Steps 3 and 4 decided on step 2's copy. Write their decisions into the file, and go on
+    # with what the file declares now (see "Two writers" below). A POST made since step 2 is
+    # the next tick's to place: its wake brings that tick at once.
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
@@ -156,7 +159,7 @@ last_answered = {node: time.monotonic() for node in NODES}
 
 def get_current_state(failed_writes):
     """Step 1, observe: ask every node, all at once, what it runs and whether it works."""
-    answers = nodes.read_running_files()  # node -> NodeFile(names, truncated), or the error
+    answers = nodes.read_running_files()  # node -> NodeFile(names, truncated at 1 MiB?) or error
     now = time.monotonic()
     conditions = node_conditions(answers, failed_writes)
     running = {node: answer.names for node, answer in answers.items()
@@ -206,20 +209,15 @@ def explain_schedule(placements, unscheduled):
 def reconcile(observed, desired, failed_writes):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
-    Returns (acted, results). results: {node: None, or the error}, for each node given an
-    action. acted: on some node whose action worked, something was started or stopped."""
+    Returns (acted, {node: None or the error}) for the nodes given an action. acted: a node
+    whose action worked started or stopped something."""
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
-    # One SSH command per node, all at once: the file keeps only the to_keep lines (so every
-    # stop happens at once), then to_start is appended. If the first part fails, the file is
-    # as it was.
+    # One SSH command per node, all at once. First the file keeps only the to_keep lines, which
+    # stops all the rest at once; then to_start is appended. If the keeping fails, the file is
+    # as it was; if only the append fails, the stops are done. The next tick redoes the rest.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
-    for node, p in plan.items():
-        log.record_actions(node, desired, observed.running[node], p, results[node])
-        log.say_each("stop", p.to_stop, node=node)  # ◼ STOP: app1 on node-1
-        for name in p.to_start:
-            log.say("start", name=name, node=node)  # ▶ START: app1 on node-2
-        if results[node] is not None:
-            log.say("actions_failed", node=node, error=log.describe(results[node]))
+    for node, p in plan.items():  # ◼ STOP: app1 on node-1, ▶ START: app1 on node-2, or ✗ ...
+        log.say_actions(node, desired, observed.running[node], p, results[node])
     acted = any(p.to_start or p.to_stop for node, p in plan.items() if results[node] is None)
     return acted, results
 
@@ -228,7 +226,8 @@ def reconcile(observed, desired, failed_writes):
 def node_conditions(answers, failed_writes):
     """Step 1: each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
 
-    A NodeError means the read ran and failed there (no sed, its file a directory)."""
+    A machinery.NodeError means the read ran and failed there (no sed, its file a directory);
+    any other error, that no command could run. log.describe() puts an error into words."""
     conditions = {}
     for node, answer in answers.items():
         if isinstance(answer, machinery.NodeError):
@@ -244,12 +243,13 @@ def node_conditions(answers, failed_writes):
 
 
 def grace_periods(conditions, last_answered, now, grace):
-    """Step 1: the Unknown nodes that keep their containers for now: {node: (silent for,
-    eviction in)}, in seconds.
+    """Step 1: which Unknown nodes keep their containers, as {node: (silent for, eviction in)}.
 
     A node cut off by the network still runs its containers: starting them elsewhere at once
-    would run them twice. So we wait, as Kubernetes does. A crash then costs about `grace`
-    seconds, counted from the node's last answer. A node heard again in time keeps its own."""
+    would run them twice. So we wait, as Kubernetes does. Silence counts from the node's last
+    answer, and the loop only looks at ticks. With grace 30, TICK_SECONDS 5 and SSH_TIMEOUT 3,
+    a node cut off just after a tick is found silent for 8, 16, then 24 s (⏳ Waiting), then
+    32 s: its containers move. Had it answered before that, it would have kept them."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -259,8 +259,8 @@ def grace_periods(conditions, last_answered, now, grace):
 
 
 def cleanup_dead_nodes(desired, holding_nodes):
-    """Step 3: unassign every container whose node may no longer hold it: NotReady, silent
-    past its grace, or not a node at all. holding_nodes: the Ready nodes and those in their
+    """Step 3: unassign every container whose node may no longer hold it (NotReady, silent
+    past its grace, or not a node at all). holding_nodes: the Ready nodes and those in their
     grace period. Returns (new desired, orphans). An orphan is (name, the node it lost), and
     step 4 places it again at once. Nothing moves back when a node returns. (Kubernetes does
     not move a pod: it deletes it, and its ReplicaSet makes a new one.)"""
@@ -317,8 +317,9 @@ class NodePlan(NamedTuple):  # what step 5 will do on one node
 def diff_node(running, wanted):
     """Step 5: what to start, stop and keep, so that a node running `running` runs `wanted`.
 
-    A wanted name listed twice is not kept: its two lines go, then it is appended once. The
-    log shows a STOP and a START."""
+    What is listed but not wanted is stopped, as a kubelet kills what runs on its node that no
+    pod asks for. A wanted name listed twice is not kept: its two lines go, then it is
+    appended once. The log shows a STOP and a START."""
     listed = Counter(running)  # name -> how many of the node's lines list it
     to_keep = [name for name in wanted if listed[name] == 1]
     kept = set(to_keep)
@@ -329,8 +330,8 @@ def diff_node(running, wanted):
 
 
 def plan_reconcile(running, desired, retry=()):
-    """Step 5: the diff for every node that answered ({node: names}): {node: NodePlan}, for
-    the nodes with work to do. retry: nodes that get an action anyway (see still_failing)."""
+    """Step 5: {node: NodePlan} for each node that answered and has work to do. running:
+    {node: names}, from step 1. retry: nodes that get an action anyway (see still_failing)."""
     wanted = {node: [] for node in running}
     for name, node in desired.items():
         if node in wanted:
@@ -346,10 +347,13 @@ def plan_reconcile(running, desired, retry=()):
 def still_failing(failed_writes, results):
     """Step 5's memory for the next tick: failed_writes, after this tick's actions.
 
-    A full disk still reads fine: only a failed write shows it. So a node whose write failed
-    stays in failed_writes until a write works there. Meanwhile, step 1 calls it NotReady,
-    step 3 moves its containers away, and step 5 gives it an action even with nothing to do:
-    the only way to see it write again. A silence proves nothing: the node stays as it was."""
+    A full disk still reads fine; only a failed write shows it. So the loop remembers it:
+        tick N, step 5     a write fails on node-1: failed_writes = {"node-1": why}
+        tick N+1, step 1   node-1 is NotReady (node_conditions)
+                  step 3   its containers lose their node, and step 4 places them elsewhere
+                  step 5   node-1 gets an action even with nothing to do (plan_reconcile)
+        once a write works node-1 leaves failed_writes, and is Ready at the next tick
+    A silence proves nothing either way: a node that does not answer stays as it was."""
     failed_writes = dict(failed_writes)
     for node, error in results.items():
         if error is None:
@@ -379,9 +383,7 @@ def when_to_tick_again(acted, trigger):
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed: a teacher may edit it by hand, and the next tick
-# reads the edit.
-#
+# Blank lines and "# comments" are allowed. A teacher may edit it by hand: the next tick sees it.
 # Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
 #     result = desired_file.update(change, *args)
 # which, holding one lock:
@@ -440,12 +442,10 @@ def forget(desired, name):
 
 @api.post("/api/containers")
 def create_container():
-    """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its view
-    ({"name": "nginx", "node": null, "status": "unscheduled", ...}); the woken tick places it."""
+    """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its
+    view ("node": null, "status": "unscheduled"). The woken tick places it."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
-    # The name will reach a node's shell, so only a DNS-1123 label gets through (else 400): at
-    # most 63 of a-z, 0-9 and "-", with a letter or digit at each end.
-    name = machinery.container_name(body)
+    name = machinery.container_name(body)  # a DNS-1123 label (it reaches a shell), else 400
     desired_file.update(declare, name)
     timer.wake()
     return jsonify(status.container_views({name: None})[0]), 201

@@ -420,6 +420,16 @@ class TickLog:
         if tick is not None and len(tick["decisions"][step]) < MAX_LINES_KEPT:
             tick["decisions"][step].append(decision)
 
+    def say_actions(self, node, desired, ran, plan, error):
+        """Step 5's lines for one node (◼ STOP, ▶ START, ✗ actions failed), and its record for
+        the page: what should run, what ran, what it started and stopped."""
+        self.record_actions(node, desired, ran, plan, error)
+        self.say_each("stop", plan.to_stop, node=node)
+        for name in plan.to_start:
+            self.say("start", name=name, node=node)
+        if error is not None:
+            self.say("actions_failed", node=node, error=self.describe(error))
+
     def record_actions(self, node, desired, ran, plan, error):
         """Record what step 5 did on one node: what should run, what ran, what it started and stopped."""
         should_run = [name for name, assigned in desired.items() if assigned == node]
