@@ -2,10 +2,10 @@
 
 You declare what should run, through a REST API that writes desired_state.txt. A loop
 compares that with what really runs on the nodes, and acts on the difference. Each tick
-starts again from the whole state, so the loop is level-triggered, not edge-triggered: a
-missed event, a hand edit or a node dying behind our back is seen at the next tick. Only two
-facts go from one tick to the next (when each node last answered, and whose last write
-failed), and a restart forgets them.
+starts again from the whole state, so the loop is level-triggered, not edge-triggered. A
+missed event, a hand edit or a node dying behind our back is therefore seen at the next
+tick. Only two facts go from one tick to the next (when each node last answered, and whose
+last write failed), and a restart forgets them.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -25,22 +25,21 @@ Push or pull? The name comes from the talk this project grew from
 
 Kubernetes is pull: each node's kubelet watches the API server for its pods and runs them.
 This file keeps what makes pull converge: a declared state, compared at every tick, so a
-lost action is redone. But it runs no agent on the nodes, to stay one program you can read:
-its loop reaches into each node over SSH, as a push center would.
+lost action is redone. But it runs no agent on the nodes, to stay one program you can read.
+Its loop reaches into each node over SSH instead, as a push center would.
 
 Words:
     container  simulated: node N runs the names listed, one per line, in its file
                N_running.txt. Starting one appends a line; stopping it removes the line.
     intruder   a line that nobody declared.
-    zombie     a line left on a node that was away while its container moved elsewhere
-               (a stopped node keeps its file, as a machine keeps its disk).
+    zombie     a line left on a node that was away while its container moved elsewhere.
+               (A stopped node keeps its file, as a machine keeps its disk.)
     Ready      the node answers, and its commands work.
     NotReady   the node answers, but a command fails there.
     Unknown    no command could run: no answer within SSH_TIMEOUT, or a refusal.
 
-Left out: real containers, etcd, leader election. machinery.py holds what this file stands on
-(checked settings, SSH connections, safe writes, the timer, the log's words, the page's data),
-kubernetes_api.py shows the cluster to kubectl. You need not read them: their names say it.
+machinery.py holds what this file stands on (checked settings, SSH, safe writes, the timer,
+the log, the page), and kubernetes_api.py the routes for kubectl. You need not read them.
 """
 
 import os
@@ -55,31 +54,31 @@ import kubernetes_api
 import machinery
 
 # --- Settings: environment variables, checked at start -----------------------
-settings = machinery.Settings()  # a bad value: main() names it in one line, exit status 2
+settings = machinery.Settings()  # main() refuses a bad value in one line, with exit status 2
 
 SSH_PORT = settings.port("SSH_PORT", 22)
 # "node-1,node-2=10.0.0.2:2202": a node's address is its name unless given (compose's DNS).
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
-# A node silent this long is Unknown. All nodes are asked at once, in parallel, so a silent
-# node makes a tick longer by this much, not by this much per node.
+# A node silent this long is Unknown. All nodes are asked in parallel, so a silent node makes
+# a tick longer by this much, not by this much per node.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long an Unknown node keeps its containers before they move. 0 is the original project's
-# choice: they move at the node's first silence. Kubernetes waits 50 s (node-monitor-grace-
-# period), then 300 s (the unreachable taint's toleration), because a crash and a cut cable
-# look alike. A NotReady node gets no grace here. It answers, so if its read works, step 5
-# stops what still runs there; if its read fails, its containers may run twice for a while.
+# How long an Unknown node keeps its containers before they move. The default, 0, is the
+# original project's choice: they move at the node's first silence. Kubernetes waits 50 s
+# (node-monitor-grace-period), then 300 s more (the unreachable taint's toleration), because
+# a crash and a cut cable look alike. A NotReady node gets no grace here, since it answers.
+# If its read works, step 5 stops what still runs there. If not, its containers may run twice.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
-# Loopback: this machine only, unless you decide (compose sets 0.0.0.0 in its container).
+# Loopback, so that only this machine reaches the API (compose sets 0.0.0.0 in its container).
 API_HOST = settings.text("API_HOST", "127.0.0.1")
 API_PORT = settings.port("API_PORT", 8080)
-# Unset: anyone may change the cluster. Set: changes need "Authorization: Bearer <API_TOKEN>".
+# Unset, anyone may change the cluster. Set, a change needs "Authorization: Bearer <API_TOKEN>".
 API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
@@ -94,7 +93,7 @@ timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    failed_writes = {}  # node -> why its last write failed there: see still_failing()
+    failed_writes = {}  # node -> why its last write failed there (see still_failing)
     while True:
         acted = False
         try:
@@ -102,18 +101,27 @@ def control_loop():
         except machinery.ShuttingDown:
             return
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
-            log.fail_tick(error)  # ❌ Not converged, with the error; failed_writes is unchanged
+            log.fail_tick(error)  # the tick ends ❌ Not converged, with the error
         seconds, trigger = when_to_tick_again(acted, trigger)
-        # Sleep that long, then run the next tick for `trigger`. An API change (even one made
-        # during this tick) or the teacher's resume ends the sleep at once: "wake". While
-        # paused, only the teacher's step ("step") or resume starts a tick.
-        trigger = timer.sleep(seconds, trigger)  # None: the process is stopping
+        # Sleep that long. An API change (even one during this tick) or the teacher's resume
+        # ends the sleep at once ("wake"). While paused, only a step or a resume starts a tick.
+        trigger = timer.sleep(seconds, trigger)  # why the next tick runs; None: we are stopping
         if trigger is None:
             return
 
 
 def run_tick(trigger, failed_writes):
-    """One tick: the five steps. Returns (did it start or stop something?, failed_writes)."""
+    """One tick: the five steps. Returns (did it start or stop something?, failed_writes).
+
+    A POST of nginx, as the log tells it (cut short), then the requeue tick that checks it:
+        TICK - 21:43:40 (woken by an API change)
+          📍 SCHEDULE: nginx → node-1          (step 4)
+          ▶ START: nginx on node-1             (step 5)
+        ✅ Converged
+        TICK - 21:43:41 (checking the last actions)
+          ✓ node-1: nginx                      (step 1)
+        ✅ Converged
+    """
     log.begin_tick(trigger)
 
     log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
@@ -123,9 +131,11 @@ def run_tick(trigger, failed_writes):
     desired = get_desired_state()  # {name: its node, or None if it has none yet}
 
     log.begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
-    holding_nodes = observed.live_nodes + list(observed.in_grace)  # in grace: it may be cut off
+    # A node in its grace period keeps its containers, because it may only be cut off.
+    holding_nodes = observed.live_nodes + list(observed.in_grace)
     desired, orphans = cleanup_dead_nodes(desired, holding_nodes)
-    explain_cleanup(orphans, observed)
+    # 💀 CLEANUP: app1 (node node-1 down), or "not ready", or "unknown: not in NODES"
+    log.say_cleanup(orphans, observed.conditions, last_answered, NODE_GRACE_SECONDS)
 
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
     desired, placements = schedule(desired, observed.live_nodes)
@@ -133,7 +143,7 @@ def run_tick(trigger, failed_writes):
     explain_schedule(placements, unscheduled)
     # Steps 3 and 4 decided on step 2's copy. Write their decisions into the file, and go on
     # with what the file declares now (see "Two writers" below). A POST made since step 2 is
-    # the next tick's to place: its wake brings that tick at once.
+    # placed by the next tick, which its wake brings at once.
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
@@ -148,18 +158,18 @@ def run_tick(trigger, failed_writes):
 # --- The five steps: ask the nodes, read the file, tell the class ------------
 class Observation(NamedTuple):  # what step 1 saw
     running: dict     # node -> the names in its file, for each node whose read worked
-    live_nodes: list  # the Ready nodes: only they get new containers
+    live_nodes: list  # the Ready nodes, the only ones that get new containers
     in_grace: dict    # Unknown nodes in their grace period: node -> (silent for, eviction in)
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
 
-# When each node last answered (at start: now). A silent node's grace counts from there.
+# When each node last answered (at start, now). A silent node's grace counts from there.
 last_answered = {node: time.monotonic() for node in NODES}
 
 
 def get_current_state(failed_writes):
     """Step 1, observe: ask every node, all at once, what it runs and whether it works."""
-    answers = nodes.read_running_files()  # node -> NodeFile(names, truncated at 1 MiB?) or error
+    answers = nodes.read_running_files()  # node -> NodeFile(names, truncated), or the error
     now = time.monotonic()
     conditions = node_conditions(answers, failed_writes)
     running = {node: answer.names for node, answer in answers.items()
@@ -186,17 +196,6 @@ def get_desired_state():
     return desired
 
 
-def explain_cleanup(orphans, observed):
-    """Log why each container lost its node (down, not ready, not a node); keep it for the page."""
-    now = time.monotonic()
-    for name, node in orphans:
-        why = ("unknown_node" if node not in NODES
-               else "not_ready" if observed.conditions[node][0] == "NotReady" else "down")
-        log.say("cleanup_" + why, name=name, node=node)  # 💀 CLEANUP: app1 (node node-1 down)
-        log.record("cleanup", name=name, node=node, why=why, grace_seconds=NODE_GRACE_SECONDS,
-                   silent_for=round(now - last_answered[node], 1) if node in NODES else None)
-
-
 def explain_schedule(placements, unscheduled):
     """Log where each container went, and those that found no live node."""
     for name, node, loads in placements:
@@ -209,12 +208,12 @@ def explain_schedule(placements, unscheduled):
 def reconcile(observed, desired, failed_writes):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
-    Returns (acted, {node: None or the error}) for the nodes given an action. acted: a node
-    whose action worked started or stopped something."""
+    Returns (acted, {node: None or the error}) for the nodes given an action. acted is True
+    if a node whose action worked started or stopped something."""
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
-    # One SSH command per node, all at once. First the file keeps only the to_keep lines, which
-    # stops all the rest at once; then to_start is appended. If the keeping fails, the file is
-    # as it was; if only the append fails, the stops are done. The next tick redoes the rest.
+    # One SSH command per node, all at once. The file first keeps only the to_keep lines, which
+    # stops all the others at once, then gets to_start appended. If the first part fails, the
+    # file is as it was. If only the append fails, the stops are done. The next tick redoes it.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():  # ◼ STOP: app1 on node-1, ▶ START: app1 on node-2, or ✗ ...
         log.say_actions(node, desired, observed.running[node], p, results[node])
@@ -245,11 +244,11 @@ def node_conditions(answers, failed_writes):
 def grace_periods(conditions, last_answered, now, grace):
     """Step 1: which Unknown nodes keep their containers, as {node: (silent for, eviction in)}.
 
-    A node cut off by the network still runs its containers: starting them elsewhere at once
+    A node cut off by the network still runs its containers, so starting them elsewhere at once
     would run them twice. So we wait, as Kubernetes does. Silence counts from the node's last
-    answer, and the loop only looks at ticks. With grace 30, TICK_SECONDS 5 and SSH_TIMEOUT 3,
-    a node cut off just after a tick is found silent for 8, 16, then 24 s (⏳ Waiting), then
-    32 s: its containers move. Had it answered before that, it would have kept them."""
+    answer, and the loop only looks at ticks. Say grace is 30, a tick sleeps 5 s and waits 3 s
+    (SSH_TIMEOUT) for a silent node. Cut off just after a tick, it is found silent for 8, 16 and
+    24 s (⏳ Waiting), then 32 s, and its containers move. Back before that, it keeps them."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - last_answered[node]
@@ -347,13 +346,13 @@ def plan_reconcile(running, desired, retry=()):
 def still_failing(failed_writes, results):
     """Step 5's memory for the next tick: failed_writes, after this tick's actions.
 
-    A full disk still reads fine; only a failed write shows it. So the loop remembers it:
+    A full disk still reads fine, and only a failed write shows it. So the loop remembers it:
         tick N, step 5     a write fails on node-1: failed_writes = {"node-1": why}
         tick N+1, step 1   node-1 is NotReady (node_conditions)
                   step 3   its containers lose their node, and step 4 places them elsewhere
                   step 5   node-1 gets an action even with nothing to do (plan_reconcile)
         once a write works node-1 leaves failed_writes, and is Ready at the next tick
-    A silence proves nothing either way: a node that does not answer stays as it was."""
+    A node that does not answer stays as it was, because a silence proves nothing."""
     failed_writes = dict(failed_writes)
     for node, error in results.items():
         if error is None:
@@ -364,9 +363,9 @@ def still_failing(failed_writes, results):
 
 
 def verdict(results, unscheduled, in_grace):
-    """How the tick ends: ❌ Not converged if an action failed or a container has no node;
-    else ⏳ Waiting while a node is in its grace period (nobody knows what it runs); else ✅
-    Converged. An action that worked counts as done: the requeue tick looks again."""
+    """How the tick ends. ❌ Not converged if an action failed or a container has no node.
+    Otherwise ⏳ Waiting while a node is in its grace period, since nobody knows what it runs.
+    Otherwise ✅ Converged. An action that worked counts as done; the requeue tick checks it."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
@@ -375,7 +374,7 @@ def verdict(results, unscheduled, in_grace):
 def when_to_tick_again(acted, trigger):
     """(seconds to sleep, why the next tick runs): the whole requeue rule. A tick that started
     or stopped something is checked REQUEUE_SECONDS later, once. If that check acts again, the
-    timer decides: a node that keeps changing cannot make the loop spin."""
+    timer decides, so a node that keeps changing cannot make the loop spin."""
     if acted and trigger != "requeue":
         return REQUEUE_SECONDS, "requeue"
     return TICK_SECONDS, "timer"
@@ -383,7 +382,7 @@ def when_to_tick_again(acted, trigger):
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed. A teacher may edit it by hand: the next tick sees it.
+# Blank lines and "# comments" are allowed. A teacher may edit it by hand; the next tick sees it.
 # Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
 #     result = desired_file.update(change, *args)
 # which, holding one lock:
@@ -392,9 +391,9 @@ def when_to_tick_again(acted, trigger):
 #   3. saves `desired`, if the file is still the one it parsed: a teacher's editor takes no
 #      lock, so after a hand edit it goes back to 1, with the new text;
 #   4. returns what change returned.
-# So no update overwrites another. The save is atomic: a new file, renamed over the old one.
-# A hand edit can still be lost: one saved in the instant between the check and the rename,
-# or an editor saving, later, the old copy it opened.
+# So no update overwrites another. The save is atomic (a new file, renamed over the old one).
+# A hand edit saved between the check and the rename is lost, as is one that an editor undoes
+# by saving, later, the old copy it opened.
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).

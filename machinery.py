@@ -407,6 +407,17 @@ class TickLog:
         if len(names) > LIST_LIMIT:
             self.say(key + "_more", more=self.count(len(names) - LIST_LIMIT, "number"), **values)
 
+    def say_cleanup(self, orphans, conditions, last_answered, grace_seconds):
+        """Step 3's lines: why each container lost its node (down, not ready, not a node), and
+        its record for the page. conditions: step 1's; last_answered: {node: monotonic time}."""
+        now = time.monotonic()
+        for name, node in orphans:
+            why = ("unknown_node" if node not in conditions
+                   else "not_ready" if conditions[node][0] == "NotReady" else "down")
+            self.say("cleanup_" + why, name=name, node=node)
+            self.record("cleanup", name=name, node=node, why=why, grace_seconds=grace_seconds,
+                        silent_for=round(now - last_answered[node], 1) if node in conditions else None)
+
     def say_bad_lines(self, problems, file_name):
         """One line per bad line of desired_state.txt (cut after LIST_LIMIT): what was skipped, and why."""
         for number, line, reason in problems[:LIST_LIMIT]:
