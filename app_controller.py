@@ -1,11 +1,10 @@
 """pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
 
 You declare what should run, through a REST API that writes desired_state.txt. A loop
-compares that with what really runs on the nodes, and acts on the difference. Each tick
-starts again from the whole state, so the loop is level-triggered, not edge-triggered. A
-missed event, a hand edit or a node dying behind our back is therefore seen at the next
-tick. Only two facts go from one tick to the next (when each node last answered, and whose
-last write failed), and a restart forgets them.
+compares that with what really runs on the nodes and acts on the difference. Each tick starts
+again from the whole state, so the loop is level-triggered: a missed event, a hand edit or a
+node dying behind our back is seen at the next tick. Only two facts go from one tick to the
+next (when each node last answered, and whose last write failed); a restart forgets them.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -61,29 +60,26 @@ SSH_PORT = settings.port("SSH_PORT", 22)
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
-# A node silent this long is Unknown. All nodes are asked in parallel, so a silent node makes
-# a tick longer by this much, not by this much per node.
+# A node silent this long is Unknown. Nodes are asked in parallel, so it delays a tick once.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long an Unknown node keeps its containers before they move. The default, 0, is the
-# original project's choice: they move at the node's first silence. Kubernetes waits 50 s
-# (node-monitor-grace-period), then 300 s more (the unreachable taint's toleration), because
-# a crash and a cut cable look alike. A NotReady node gets no grace here, since it answers.
-# If its read works, step 5 stops what still runs there. If not, its containers may run twice.
+# How long an Unknown node keeps its containers before they move (see grace_periods). The
+# default, 0, is the original project's choice: they move at the node's first silence.
+# Kubernetes waits 50 s (node-monitor-grace-period), then 300 s more (the unreachable taint's
+# toleration), because a crash and a cut cable look alike. A NotReady node gets no grace here.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
-# Loopback, so that only this machine reaches the API (compose sets 0.0.0.0 in its container).
-API_HOST = settings.text("API_HOST", "127.0.0.1")
+API_HOST = settings.text("API_HOST", "127.0.0.1")  # this machine only (compose: 0.0.0.0)
 API_PORT = settings.port("API_PORT", 8080)
 # Unset, anyone may change the cluster. Set, a change needs "Authorization: Bearer <API_TOKEN>".
 API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
 shutting_down = threading.Event()  # set by SIGTERM or Ctrl-C
-log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # prints each line, keeps each tick for the page
+log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # say(): a log line; record(): a fact for the page
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)  # the last observation, as the API and the page show it
 timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake, pause, step
@@ -93,7 +89,9 @@ timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    failed_writes = {}  # node -> why its last write failed there (see still_failing)
+    # node -> why its last write failed there. A full disk still reads fine, so only a failed
+    # write shows it; step 1 calls that node NotReady until a write works (see still_failing).
+    failed_writes = {}
     while True:
         acted = False
         try:
@@ -134,7 +132,6 @@ def run_tick(trigger, failed_writes):
     # A node in its grace period keeps its containers, because it may only be cut off.
     holding_nodes = observed.live_nodes + list(observed.in_grace)
     desired, orphans = cleanup_dead_nodes(desired, holding_nodes)
-    # 💀 CLEANUP: app1 (node node-1 down), or "not ready", or "unknown: not in NODES"
     log.say_cleanup(orphans, observed.conditions, last_answered, NODE_GRACE_SECONDS)
 
     log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
@@ -142,7 +139,7 @@ def run_tick(trigger, failed_writes):
     unscheduled = [name for name, node in desired.items() if node is None]  # no live node
     explain_schedule(placements, unscheduled)
     # Steps 3 and 4 decided on step 2's copy. Write their decisions into the file, and go on
-    # with what the file declares now (see "Two writers" below). A POST made since step 2 is
+    # with what the file declares now (see "Two writers", next). A POST made since step 2 is
     # placed by the next tick, which its wake brings at once.
     desired = desired_file.update(apply_decisions, orphans, placements)
 
@@ -155,7 +152,46 @@ def run_tick(trigger, failed_writes):
     return acted, failed_writes
 
 
-# --- The five steps: ask the nodes, read the file, tell the class ------------
+# --- desired_state.txt: what the users declared (the API server, etcd) -------
+# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
+# Blank lines and "# comments" are allowed. A teacher may edit it by hand; the next tick sees it.
+# Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
+#     result = desired_file.update(change, *args)
+# which, holding one lock, does this and returns what change returned:
+#   1. parses the file into `desired`;
+#   2. calls change(desired, *args); if it raises (a 404, a 409), nothing is saved;
+#   3. saves `desired`, unless the file changed since 1 (its inode, size or mtime), since a
+#      teacher's editor takes no lock; then it goes back to 1, with the new text.
+# So no update overwrites another. The save is atomic (a new file, renamed over the old one).
+# A hand edit saved between the check and the rename is lost, as is one that an editor undoes
+# by saving, later, the old copy it opened.
+
+def parse_desired_state(text):
+    """The file's text -> ({name: node or None}, in file order; [problems]).
+
+    A problem is (line number, line, reason): a bad line is reported and skipped. parse_line
+    refuses a name that is not a DNS-1123 label, so a hand edit never reaches a node's shell."""
+    desired, problems = {}, []
+    for number, line in enumerate(machinery.split_lines(text), start=1):  # LF or CRLF
+        try:
+            entry = machinery.parse_line(line)  # "nginx : node-1" -> ("nginx", "node-1")
+        except ValueError as error:
+            problems.append((number, line, str(error)))
+            continue
+        if entry is None:  # a blank line or a comment
+            continue
+        name, node = entry
+        if name in desired:
+            problems.append((number, line, "duplicate"))
+            continue
+        desired[name] = node
+    return desired, problems
+
+
+desired_file = machinery.DesiredStateFile(DESIRED_STATE_FILE, parse_desired_state)
+
+
+# --- The five steps: ask the nodes, read the file, log what happens ----------
 class Observation(NamedTuple):  # what step 1 saw
     running: dict     # node -> the names in its file, for each node whose read worked
     live_nodes: list  # the Ready nodes, the only ones that get new containers
@@ -169,7 +205,7 @@ last_answered = {node: time.monotonic() for node in NODES}
 
 def get_current_state(failed_writes):
     """Step 1, observe: ask every node, all at once, what it runs and whether it works."""
-    answers = nodes.read_running_files()  # node -> NodeFile(names, truncated), or the error
+    answers = nodes.read_running_files()  # node -> what its file lists (a NodeFile), or the error
     now = time.monotonic()
     conditions = node_conditions(answers, failed_writes)
     running = {node: answer.names for node, answer in answers.items()
@@ -212,8 +248,8 @@ def reconcile(observed, desired, failed_writes):
     if a node whose action worked started or stopped something."""
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
     # One SSH command per node, all at once. The file first keeps only the to_keep lines, which
-    # stops all the others at once, then gets to_start appended. If the first part fails, the
-    # file is as it was. If only the append fails, the stops are done. The next tick redoes it.
+    # stops all the others at once, then gets to_start appended. Whatever fails is redone by
+    # the next tick, which finds it still to do.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():  # ◼ STOP: app1 on node-1, ▶ START: app1 on node-2, or ✗ ...
         log.say_actions(node, desired, observed.running[node], p, results[node])
@@ -262,7 +298,14 @@ def cleanup_dead_nodes(desired, holding_nodes):
     past its grace, or not a node at all). holding_nodes: the Ready nodes and those in their
     grace period. Returns (new desired, orphans). An orphan is (name, the node it lost), and
     step 4 places it again at once. Nothing moves back when a node returns. (Kubernetes does
-    not move a pod: it deletes it, and its ReplicaSet makes a new one.)"""
+    not move a pod: it deletes it, and its ReplicaSet makes a new one.)
+
+    node-2 dies while it runs app1, with no grace. The next tick logs:
+          ⚠️  node-2: unavailable
+          💀 CLEANUP: app1 (node node-2 down)
+          📍 SCHEDULE: app1 → node-1
+          ▶ START: app1 on node-1
+    When node-2 answers again, still listing app1 (a zombie): ◼ STOP: app1 on node-2."""
     cleaned, orphans = {}, []
     for name, node in desired.items():
         if node is not None and node not in holding_nodes:
@@ -318,7 +361,10 @@ def diff_node(running, wanted):
 
     What is listed but not wanted is stopped, as a kubelet kills what runs on its node that no
     pod asks for. A wanted name listed twice is not kept: its two lines go, then it is
-    appended once. The log shows a STOP and a START."""
+    appended once. The log shows a STOP and a START. For example:
+        diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"])
+        == NodePlan(to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])
+    Only to_keep and to_start, declared names, reach the node's shell, never a line it lists."""
     listed = Counter(running)  # name -> how many of the node's lines list it
     to_keep = [name for name in wanted if listed[name] == 1]
     kept = set(to_keep)
@@ -372,57 +418,15 @@ def verdict(results, unscheduled, in_grace):
 
 
 def when_to_tick_again(acted, trigger):
-    """(seconds to sleep, why the next tick runs): the whole requeue rule. A tick that started
-    or stopped something is checked REQUEUE_SECONDS later, once. If that check acts again, the
-    timer decides, so a node that keeps changing cannot make the loop spin."""
+    """(seconds to sleep, why the next tick runs), the whole requeue rule. A tick that acted is
+    checked REQUEUE_SECONDS later, once; if the check acts again, the timer decides (no spin)."""
     if acted and trigger != "requeue":
         return REQUEUE_SECONDS, "requeue"
     return TICK_SECONDS, "timer"
 
 
-# --- desired_state.txt: what the users declared (the API server, etcd) -------
-# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed. A teacher may edit it by hand; the next tick sees it.
-# Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
-#     result = desired_file.update(change, *args)
-# which, holding one lock:
-#   1. parses the file into `desired`;
-#   2. calls change(desired, *args); if it raises (a 404, a 409), nothing is saved;
-#   3. saves `desired`, if the file is still the one it parsed: a teacher's editor takes no
-#      lock, so after a hand edit it goes back to 1, with the new text;
-#   4. returns what change returned.
-# So no update overwrites another. The save is atomic (a new file, renamed over the old one).
-# A hand edit saved between the check and the rename is lost, as is one that an editor undoes
-# by saving, later, the old copy it opened.
-
-def parse_desired_state(text):
-    """The file's text -> ({name: node or None}, in file order; [problems]).
-
-    A problem is (line number, line, reason): a bad line is reported and skipped. parse_line
-    refuses a name that is not a DNS-1123 label, so a hand edit never reaches a node's shell."""
-    desired, problems = {}, []
-    for number, line in enumerate(machinery.split_lines(text), start=1):  # LF or CRLF
-        try:
-            entry = machinery.parse_line(line)  # "nginx : node-1" -> ("nginx", "node-1")
-        except ValueError as error:
-            problems.append((number, line, str(error)))
-            continue
-        if entry is None:  # a blank line or a comment
-            continue
-        name, node = entry
-        if name in desired:
-            problems.append((number, line, "duplicate"))
-            continue
-        desired[name] = node
-    return desired, problems
-
-
-desired_file = machinery.DesiredStateFile(DESIRED_STATE_FILE, parse_desired_state)
-
-
 # --- The REST API: it only changes desired_state.txt and wakes the loop ------
-# With API_TOKEN set, machinery answers 401 to a write without the token before these run.
-api = Flask(__name__)
+api = Flask(__name__)  # with API_TOKEN set, machinery answers 401 to a write without it
 
 
 def declare(desired, name):
@@ -441,8 +445,7 @@ def forget(desired, name):
 
 @api.post("/api/containers")
 def create_container():
-    """POST /api/containers {"name": "nginx"}: declare it, wake the loop, answer 201 with its
-    view ("node": null, "status": "unscheduled"). The woken tick places it."""
+    """POST /api/containers {"name": "nginx"}: declare it, wake the loop; 201, unscheduled."""
     body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
     name = machinery.container_name(body)  # a DNS-1123 label (it reaches a shell), else 400
     desired_file.update(declare, name)
@@ -452,8 +455,7 @@ def create_container():
 
 @api.get("/api/containers")
 def list_containers():
-    """GET /api/containers: each container, its node and status: running (its Ready node listed
-    it at the last observation), pending (not yet), unknown (its node is silent), unscheduled."""
+    """GET /api/containers: each container, its node, and its status as step 1 last saw it."""
     desired, _ = desired_file.read()
     return jsonify(status.container_views(desired))
 

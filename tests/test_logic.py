@@ -369,6 +369,13 @@ def test_a_container_listed_twice_is_brought_back_to_one():
     assert c.diff_node(["a", "a", "b"], ["a", "b"]) == (["a"], ["a"], ["b"])
 
 
+def test_the_example_in_diff_nodes_docstring_is_what_it_returns():
+    """The lesson shows one call and its result; a student may trust it."""
+    assert c.diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"]) == c.NodePlan(
+        to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])
+    assert 'diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"])' in c.diff_node.__doc__
+
+
 def test_zombies_on_a_node_that_came_back_are_stopped():
     # node-1 was down while app1 and app4 moved; it comes back still listing them.
     observed = {"node-1": ["app1", "app4"], "node-2": ["app2", "app5", "app1"],
