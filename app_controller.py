@@ -3,8 +3,9 @@
 You declare what should run, through a REST API that writes desired_state.txt. A loop
 compares that with what really runs on the nodes and acts on the difference. Each tick starts
 again from the whole state, so the loop is level-triggered: a missed event, a hand edit or a
-node dying behind our back is seen at the next tick. Only two facts go from one tick to the
-next (when each node last answered, and whose last write failed); a restart forgets them.
+node dying behind our back is seen at the next tick. An edge-triggered loop, acting once per
+event, would miss them for good. Only two facts go from one tick to the next (when each node
+last answered, and whose last write failed); a restart forgets them.
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -67,10 +68,10 @@ DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long an Unknown node keeps its containers before they move (see grace_periods). The
-# default, 0, is the original project's choice: they move at the node's first silence.
-# Kubernetes waits 50 s (node-monitor-grace-period), then 300 s more (the unreachable taint's
-# toleration), because a crash and a cut cable look alike. A NotReady node gets no grace here.
+# How long an Unknown node keeps its containers before they move (see grace_periods). 0, the
+# original project's choice, moves them at its first silence. Kubernetes waits 50 s (node-
+# monitor-grace-period), then 300 s (the unreachable taint's toleration), because a crash and
+# a cut cable look alike. A NotReady node gets no grace: it answers, so it is only broken.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 API_HOST = settings.text("API_HOST", "127.0.0.1")  # this machine only (compose: 0.0.0.0)
 API_PORT = settings.port("API_PORT", 8080)
@@ -138,9 +139,8 @@ def run_tick(trigger, failed_writes):
     desired, placements = schedule(desired, observed.live_nodes)
     unscheduled = [name for name, node in desired.items() if node is None]  # no live node
     explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 decided on step 2's copy. Write their decisions into the file, and go on
-    # with what the file declares now (see "Two writers", next). A POST made since step 2 is
-    # placed by the next tick, which its wake brings at once.
+    # Steps 3 and 4 decided on step 2's copy. Write their decisions into the file and go on with
+    # what it declares now (see "Two writers", next). A POST made meanwhile waits a tick.
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
@@ -360,8 +360,8 @@ def diff_node(running, wanted):
     """Step 5: what to start, stop and keep, so that a node running `running` runs `wanted`.
 
     What is listed but not wanted is stopped, as a kubelet kills what runs on its node that no
-    pod asks for. A wanted name listed twice is not kept: its two lines go, then it is
-    appended once. The log shows a STOP and a START. For example:
+    pod asks for. A wanted name listed twice cannot be kept once (the node keeps lines by
+    name), so both lines go and it is appended again: a STOP and a START. For example:
         diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"])
         == NodePlan(to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])
     Only to_keep and to_start, declared names, reach the node's shell, never a line it lists."""
@@ -396,7 +396,7 @@ def still_failing(failed_writes, results):
         tick N, step 5     a write fails on node-1: failed_writes = {"node-1": why}
         tick N+1, step 1   node-1 is NotReady (node_conditions)
                   step 3   its containers lose their node, and step 4 places them elsewhere
-                  step 5   node-1 gets an action even with nothing to do (plan_reconcile)
+                  step 5   node-1 gets a write even with nothing to do, to test it again
         once a write works node-1 leaves failed_writes, and is Ready at the next tick
     A node that does not answer stays as it was, because a silence proves nothing."""
     failed_writes = dict(failed_writes)
