@@ -29,8 +29,7 @@ lost action is redone. But it runs no agent on the nodes, to stay one program yo
 Its loop reaches into each node over SSH instead, as a push center would.
 
 Words:
-    container  simulated: node N runs the names listed, one per line, in its file
-               N_running.txt. Starting one appends a line; stopping it removes the line.
+    container  a line in node N's file, N_running.txt (simulated: append starts, remove stops).
     intruder   a line that nobody declared.
     zombie     a line left on a node that was away while its container moved elsewhere.
                (A stopped node keeps its file, as a machine keeps its disk.)
@@ -166,6 +165,22 @@ def run_tick(trigger, failed_writes):
 # A hand edit saved between the check and the rename is lost, as is one that an editor undoes
 # by saving, later, the old copy it opened.
 
+def apply_decisions(desired, orphans, placements):
+    """The loop's change: steps 3 and 4's decisions, applied to `desired`, the file as it is now.
+
+    The file may have changed since step 2 read it. So a decision applies only to a line that
+    still says what step 2 read: an orphan still on its dead node, a placement still without a
+    node. Any other decision is dropped, even if the log printed it; the next tick decides
+    again. (Kubernetes, for the same reason, checks an object's resourceVersion.)"""
+    for name, node in orphans:
+        if desired.get(name) == node:
+            desired[name] = None
+    for name, node, _ in placements:
+        if name in desired and desired[name] is None:
+            desired[name] = node
+    return desired
+
+
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
 
@@ -247,8 +262,9 @@ def reconcile(observed, desired, failed_writes):
     Returns (acted, {node: None or the error}) for the nodes given an action. acted is True
     if a node whose action worked started or stopped something."""
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
-    # One SSH command per node, all at once. The file first keeps only the to_keep lines, which
-    # stops all the others at once, then gets to_start appended. Whatever fails is redone by
+    # One SSH command per node, all at once. For node-1 keeping web and starting api, roughly:
+    #     sed -i -E '/^(web)$/!d' node-1_running.txt && printf '%s\n' api >> node-1_running.txt
+    # Keeping only the to_keep lines stops all the others at once. Whatever fails is redone by
     # the next tick, which finds it still to do.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():  # ◼ STOP: app1 on node-1, ▶ START: app1 on node-2, or ✗ ...
@@ -332,22 +348,6 @@ def schedule(desired, live_nodes):
             placements.append((name, node, loads_seen))
         scheduled[name] = node
     return scheduled, placements
-
-
-def apply_decisions(desired, orphans, placements):
-    """Steps 3 and 4's decisions, applied to `desired`, what the file declares now.
-
-    The file may have changed since step 2 read it. So a decision applies only to a line that
-    still says what step 2 read: an orphan still on its dead node, a placement still without a
-    node. Any other decision is dropped, even if the log printed it; the next tick decides
-    again. (Kubernetes, for the same reason, checks an object's resourceVersion.)"""
-    for name, node in orphans:
-        if desired.get(name) == node:
-            desired[name] = None
-    for name, node, _ in placements:
-        if name in desired and desired[name] is None:
-            desired[name] = node
-    return desired
 
 
 class NodePlan(NamedTuple):  # what step 5 will do on one node

@@ -5,6 +5,7 @@ data, with property-based tests (hypothesis) for the invariants.
 """
 
 import errno
+import inspect
 import os
 import shutil
 import socket
@@ -590,6 +591,14 @@ def test_a_node_without_sed_says_so(tmp_path, monkeypatch):
     result = subprocess.run(["/bin/sh", "-c", m.observe_command(str(tmp_path), "node-1")],
                             env={"PATH": str(bin_dir)}, capture_output=True)
     assert result.returncode != 0 and b"sed: not found" in result.stderr
+
+
+def test_the_command_the_lesson_quotes_is_the_one_a_node_gets():
+    """reconcile()'s comment shows, roughly, what node-1 is sent to keep web and start api."""
+    command = m.act_command("/app/nodes", "node-1", ["web"], ["api"])
+    assert "sed -i -E -e '/^(web)$/!d'" in command and "printf '%s\\n' api >>" in command
+    quoted = "sed -i -E '/^(web)$/!d' node-1_running.txt && printf '%s\\n' api >> node-1_running.txt"
+    assert quoted in inspect.getsource(c.reconcile)
 
 
 def test_an_unvalidated_name_is_never_started():
