@@ -375,6 +375,8 @@ def test_the_example_in_diff_nodes_docstring_is_what_it_returns():
     assert c.diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"]) == c.NodePlan(
         to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])
     assert 'diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"])' in c.diff_node.__doc__
+    assert ('== NodePlan(to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])'
+            in c.diff_node.__doc__)
 
 
 def test_zombies_on_a_node_that_came_back_are_stopped():
