@@ -83,7 +83,6 @@ def test_the_readme_is_read_in_five_minutes_and_its_first_demo_comes_early():
     assert first_demo <= 100, f"demo 1 starts at line {first_demo}"
 
 
-
 def test_the_lesson_is_read_in_one_sitting_and_the_machinery_never_imports_it():
     """app_controller.py is the textbook: at most 500 lines, the loop in its first 100; the
     modules beside it import nothing from it, so the arrows point one way."""
@@ -95,6 +94,7 @@ def test_the_lesson_is_read_in_one_sitting_and_the_machinery_never_imports_it():
     for module in ("machinery.py", "kubernetes_api.py"):
         text = (REPO / module).read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import|from)\s+app_controller\b", text, re.M), module
+
 
 # --- one script for the demos ------------------------------------------------------------
 
