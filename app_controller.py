@@ -15,8 +15,8 @@ last answered, and whose last write failed); a restart forgets them.
         5. reconcile()              diff, then start and stop          each kubelet's sync
         sleep TICK_SECONDS, or less: 0.3 s after a tick that acted, at once when woken
 
-Push or pull? The name comes from the talk this project grew from
-(github.com/silefort/duckConfKubernetes; LOG_LANG=fr keeps its French log). It compares:
+Push or pull? The words come from the talk this project grew from,
+github.com/silefort/duckConfKubernetes. It compares:
 
                the center keeps               who changes a node
     push       orders ("start nginx there")   the center, once per order: a lost one is lost
@@ -26,7 +26,8 @@ Push or pull? The name comes from the talk this project grew from
 Kubernetes is pull: each node's kubelet watches the API server for its pods and runs them.
 This file keeps what makes pull converge: a declared state, compared at every tick, so a
 lost action is redone. But it runs no agent on the nodes, to stay one program you can read.
-Its loop reaches into each node over SSH instead, as a push center would.
+Its loop reaches into each node over SSH instead, as a push center would: pull's declared
+state, push's delivery.
 
 Words:
     container  a line in node N's file, N_running.txt (simulated: append starts, remove stops).
@@ -35,7 +36,7 @@ Words:
                (A stopped node keeps its file, as a machine keeps its disk.)
     Ready      the node answers, and its commands work.
     NotReady   the node answers, but a command fails there.
-    Unknown    no command could run: no answer within SSH_TIMEOUT, or a refusal.
+    Unknown    no command could run: no answer within SSH_TIMEOUT, or SSH refused us.
 
 machinery.py holds what this file stands on (checked settings, SSH, safe writes, the timer,
 the log, the page), and kubernetes_api.py the routes for kubectl. You need not read them.
@@ -53,24 +54,22 @@ import kubernetes_api
 import machinery
 
 # --- Settings: environment variables, checked at start -----------------------
-settings = machinery.Settings()  # main() refuses a bad value in one line, with exit status 2
+settings = machinery.Settings()
 
 SSH_PORT = settings.port("SSH_PORT", 22)
 # "node-1,node-2=10.0.0.2:2202": a node's address is its name unless given (compose's DNS).
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
-# A node silent this long is Unknown. Nodes are asked in parallel, so it delays a tick once.
+# How long a node may take to answer before it is Unknown. All nodes are asked at once.
 SSH_TIMEOUT = settings.seconds("SSH_TIMEOUT", 3, more_than=0)
 NODE_STATE_DIR = settings.text("NODE_STATE_DIR", "/app/nodes")  # on the nodes
 DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long an Unknown node keeps its containers before they move (see grace_periods). 0, the
-# original project's choice, moves them at its first silence. Kubernetes waits 50 s (node-
-# monitor-grace-period), then 300 s (the unreachable taint's toleration), because a crash and
-# a cut cable look alike. A NotReady node gets no grace: it answers, so it is only broken.
+# How long an Unknown node keeps its containers (see grace_periods). 0, the original
+# project's choice, moves them at its first silence.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 API_HOST = settings.text("API_HOST", "127.0.0.1")  # this machine only (compose: 0.0.0.0)
 API_PORT = settings.port("API_PORT", 8080)
@@ -83,15 +82,16 @@ log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # say(): a log line; record(): a
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)  # the last observation, as the API and the page show it
 timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake, pause, step
+# node -> when it last answered (at start, now). Step 1 keeps it; a silent node's grace counts
+# from there. With failed_writes (next), it is all a tick leaves to the next one.
+last_answered = {node: time.monotonic() for node in NODES}
 
 
 # --- The control loop: the five steps, a sleep, and again --------------------
 def control_loop():
     """Tick, sleep, tick again, until SIGTERM or Ctrl-C."""
     trigger = "start"  # why a tick runs: start, timer, wake (the API), step (the teacher), requeue
-    # node -> why its last write failed there. A full disk still reads fine, so only a failed
-    # write shows it; step 1 calls that node NotReady until a write works (see still_failing).
-    failed_writes = {}
+    failed_writes = {}  # node -> why its last write failed there (see still_failing)
     while True:
         acted = False
         try:
@@ -101,8 +101,7 @@ def control_loop():
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
             log.fail_tick(error)  # the tick ends ❌ Not converged, with the error
         seconds, trigger = when_to_tick_again(acted, trigger)
-        # Sleep that long. An API change (even one during this tick) or the teacher's resume
-        # ends the sleep at once ("wake"). While paused, only a step or a resume starts a tick.
+        # Sleep that long. An API change, even one made during this tick, ends the sleep at once.
         trigger = timer.sleep(seconds, trigger)  # why the next tick runs; None: we are stopping
         if trigger is None:
             return
@@ -138,8 +137,8 @@ def run_tick(trigger, failed_writes):
     desired, placements = schedule(desired, observed.live_nodes)
     unscheduled = [name for name, node in desired.items() if node is None]  # no live node
     explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 decided on step 2's copy. Write their decisions into the file and go on with
-    # what it declares now (see "Two writers", next). A POST made meanwhile waits a tick.
+    # Save the decisions of steps 3 and 4 that still hold, and go on with what the file declares
+    # now (see "Two writers", next).
     desired = desired_file.update(apply_decisions, orphans, placements)
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
@@ -153,7 +152,8 @@ def run_tick(trigger, failed_writes):
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed. A teacher may edit it by hand; the next tick sees it.
+# Blank lines and "# comments" are allowed, and a save keeps them, as it keeps a bad line.
+# A teacher may edit the file by hand; the next tick sees it.
 # Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
 #     result = desired_file.update(change, *args)
 # which, holding one lock, does this and returns what change returned:
@@ -162,8 +162,6 @@ def run_tick(trigger, failed_writes):
 #   3. saves `desired`, unless the file changed since 1 (its inode, size or mtime), since a
 #      teacher's editor takes no lock; then it goes back to 1, with the new text.
 # So no update overwrites another. The save is atomic (a new file, renamed over the old one).
-# A hand edit saved between the check and the rename is lost, as is one that an editor undoes
-# by saving, later, the old copy it opened.
 
 def apply_decisions(desired, orphans, placements):
     """The loop's change: steps 3 and 4's decisions, applied to `desired`, the file as it is now.
@@ -171,7 +169,9 @@ def apply_decisions(desired, orphans, placements):
     The file may have changed since step 2 read it. So a decision applies only to a line that
     still says what step 2 read: an orphan still on its dead node, a placement still without a
     node. Any other decision is dropped, even if the log printed it; the next tick decides
-    again. (Kubernetes, for the same reason, checks an object's resourceVersion.)"""
+    again. (Kubernetes, for the same reason, checks an object's resourceVersion.) A container
+    declared meanwhile gets no decision: the next tick, which its POST's wake starts at once,
+    places it."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -187,7 +187,7 @@ def parse_desired_state(text):
     A problem is (line number, line, reason): a bad line is reported and skipped. parse_line
     refuses a name that is not a DNS-1123 label, so a hand edit never reaches a node's shell."""
     desired, problems = {}, []
-    for number, line in enumerate(machinery.split_lines(text), start=1):  # LF or CRLF
+    for number, line in enumerate(machinery.split_lines(text), start=1):
         try:
             entry = machinery.parse_line(line)  # "nginx : node-1" -> ("nginx", "node-1")
         except ValueError as error:
@@ -214,10 +214,6 @@ class Observation(NamedTuple):  # what step 1 saw
     conditions: dict  # node -> (Ready | NotReady | Unknown, reason)
 
 
-# When each node last answered (at start, now). A silent node's grace counts from there.
-last_answered = {node: time.monotonic() for node in NODES}
-
-
 def get_current_state(failed_writes):
     """Step 1, observe: ask every node, all at once, what it runs and whether it works."""
     answers = nodes.read_running_files()  # node -> what its file lists (a NodeFile), or the error
@@ -231,7 +227,7 @@ def get_current_state(failed_writes):
     live_nodes = [node for node in NODES if conditions[node][0] == "Ready"]
     in_grace = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     observation = Observation(running, live_nodes, in_grace, conditions)
-    status.remember(observation)  # what the API and the page show, before the log says it
+    status.remember(observation)  # what the API and the page show
     for node in NODES:  # ✓ node-1: nginx, - node-2: empty, ⚠️  node-3: unavailable, ...
         log.say_node(node, conditions[node], answers[node], in_grace.get(node))
     log.say("running_count", nodes=log.count(len(live_nodes), "node"),
@@ -278,7 +274,7 @@ def node_conditions(answers, failed_writes):
     """Step 1: each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
 
     A machinery.NodeError means the read ran and failed there (no sed, its file a directory);
-    any other error, that no command could run. log.describe() puts an error into words."""
+    any other error, that no command could run."""
     conditions = {}
     for node, answer in answers.items():
         if isinstance(answer, machinery.NodeError):
@@ -293,17 +289,19 @@ def node_conditions(answers, failed_writes):
     return conditions
 
 
-def grace_periods(conditions, last_answered, now, grace):
+def grace_periods(conditions, answered_at, now, grace):
     """Step 1: which Unknown nodes keep their containers, as {node: (silent for, eviction in)}.
 
-    A node cut off by the network still runs its containers, so starting them elsewhere at once
-    would run them twice. So we wait, as Kubernetes does. Silence counts from the node's last
-    answer, and the loop only looks at ticks. Say grace is 30, a tick sleeps 5 s and waits 3 s
-    (SSH_TIMEOUT) for a silent node. Cut off just after a tick, it is found silent for 8, 16 and
-    24 s (⏳ Waiting), then 32 s, and its containers move. Back before that, it keeps them."""
+    A crash and a cut cable look alike, and a node cut off still runs its containers: starting
+    them elsewhere at once would run them twice. So we wait. (Kubernetes waits 50 s, its node-
+    monitor-grace-period, then 300 s, the unreachable taint's toleration.) A NotReady node gets
+    no grace: it answers, so it is only broken. Silence counts from the node's last answer, and
+    the loop only looks at ticks. Say grace is 30, a tick sleeps 5 s and waits 3 s (SSH_TIMEOUT)
+    for a silent node. Cut off just after a tick, it is found silent for 8, 16 and 24 s
+    (⏳ Waiting), then 32 s, and its containers move. Back before that, it keeps them."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
-        silent_for = now - last_answered[node]
+        silent_for = now - answered_at[node]
         if condition == "Unknown" and silent_for < grace:
             in_grace[node] = (silent_for, grace - silent_for)
     return in_grace
@@ -360,8 +358,8 @@ def diff_node(running, wanted):
     """Step 5: what to start, stop and keep, so that a node running `running` runs `wanted`.
 
     What is listed but not wanted is stopped, as a kubelet kills what runs on its node that no
-    pod asks for. A wanted name listed twice cannot be kept once (the node keeps lines by
-    name), so both lines go and it is appended again: a STOP and a START. For example:
+    pod asks for. A wanted name listed twice is removed and appended once (the node keeps lines
+    by name): a STOP and a START. For example:
         diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"])
         == NodePlan(to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])
     Only to_keep and to_start, declared names, reach the node's shell, never a line it lists."""
@@ -369,8 +367,8 @@ def diff_node(running, wanted):
     to_keep = [name for name in wanted if listed[name] == 1]
     kept = set(to_keep)
     return NodePlan(
-        to_start=[name for name in wanted if listed[name] != 1],  # missing, or listed twice
-        to_stop=[name for name in listed if name not in kept],    # unwanted, or listed twice
+        to_start=[name for name in wanted if listed[name] != 1],
+        to_stop=[name for name in listed if name not in kept],
         to_keep=to_keep)
 
 
@@ -426,7 +424,7 @@ def when_to_tick_again(acted, trigger):
 
 
 # --- The REST API: it only changes desired_state.txt and wakes the loop ------
-api = Flask(__name__)  # with API_TOKEN set, machinery answers 401 to a write without it
+api = Flask(__name__)
 
 
 def declare(desired, name):
@@ -446,7 +444,7 @@ def forget(desired, name):
 @api.post("/api/containers")
 def create_container():
     """POST /api/containers {"name": "nginx"}: declare it, wake the loop; 201, unscheduled."""
-    body = request.get_json(force=True, silent=True)  # force: a curl without Content-Type works
+    body = request.get_json(force=True, silent=True)  # force: even without a Content-Type
     name = machinery.container_name(body)  # a DNS-1123 label (it reaches a shell), else 400
     desired_file.update(declare, name)
     timer.wake()
