@@ -14,6 +14,7 @@ last answered, and whose last write failed); a restart forgets them.
         4. schedule()               place what has no node             kube-scheduler
         5. reconcile()              diff, then start and stop          each kubelet's sync
         sleep TICK_SECONDS, or less: 0.3 s after a tick that acted, at once when woken
+In Kubernetes each step is a program of its own with its own loop, all running at once.
 
 Push or pull? The words come from the talk this project grew from,
 github.com/silefort/duckConfKubernetes. It compares:
@@ -57,7 +58,7 @@ import machinery
 settings = machinery.Settings()
 
 SSH_PORT = settings.port("SSH_PORT", 22)
-# "node-1,node-2=10.0.0.2:2202": a node's address is its name unless given (compose's DNS).
+# Each node is reached at its name (compose's DNS), unless given: "node-1,node-2=10.0.0.2:2202".
 NODES = settings.nodes("NODES", "node-1,node-2,node-3", default_port=SSH_PORT)
 SSH_USER = settings.text("SSH_USER", "root")
 SSH_KEY_FILE = settings.text("SSH_KEY_FILE", "") or None  # None: paramiko looks in ~/.ssh
@@ -68,12 +69,12 @@ DESIRED_STATE_FILE = settings.text("DESIRED_STATE_FILE", "desired_state.txt")
 # Slow enough to read each tick on a projector, fast enough to see healing.
 TICK_SECONDS = settings.seconds("TICK_SECONDS", 5, at_least=0.1)
 REQUEUE_SECONDS = 0.3  # after a tick that acted, the next comes this soon to check it (requeue)
-# How long an Unknown node keeps its containers (see grace_periods). 0, the original
-# project's choice, moves them at its first silence.
+# How long an Unknown node keeps its containers (see grace_periods). The default is the
+# original project's choice: the containers move at the node's first silence.
 NODE_GRACE_SECONDS = settings.seconds("NODE_GRACE_SECONDS", 0, at_least=0)
 API_HOST = settings.text("API_HOST", "127.0.0.1")  # this machine only (compose: 0.0.0.0)
 API_PORT = settings.port("API_PORT", 8080)
-# Unset, anyone may change the cluster. Set, a change needs "Authorization: Bearer <API_TOKEN>".
+# If unset, anyone may change the cluster; if set, a change needs "Authorization: Bearer <it>".
 API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
@@ -100,9 +101,9 @@ def control_loop():
             return
         except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
             log.fail_tick(error)  # the tick ends ❌ Not converged, with the error
-        seconds, trigger = when_to_tick_again(acted, trigger)
+        seconds, reason = when_to_tick_again(acted, trigger)
         # Sleep that long. An API change, even one made during this tick, ends the sleep at once.
-        trigger = timer.sleep(seconds, trigger)  # why the next tick runs; None: we are stopping
+        trigger = timer.sleep(seconds, reason)  # why the next tick runs; None: we are stopping
         if trigger is None:
             return
 
@@ -140,6 +141,7 @@ def run_tick(trigger, failed_writes):
     # Save the decisions of steps 3 and 4 that still hold, and go on with what the file declares
     # now (see "Two writers", next).
     desired = desired_file.update(apply_decisions, orphans, placements)
+    unscheduled = [name for name, node in desired.items() if node is None]  # and any POST since
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
     acted, results = reconcile(observed, desired, failed_writes)

@@ -477,8 +477,9 @@ class TickLog:
 
         outcome: the lesson's verdict(), "converged", "waiting" or "not_converged"; the
         rest says why. results: {node: None, or why its actions failed}; unscheduled: the
-        names step 4 found no node for; waiting: {node: (silent for, eviction in)} for the
-        nodes in their grace period; failed: the error, when the tick itself failed."""
+        names without a node once the tick saved its decisions; waiting: {node: (silent
+        for, eviction in)} for the nodes in their grace period; failed: the error, when
+        the tick itself failed."""
         reasons = [f"{node}: {self.describe(error)}" for node, error in results.items() if error is not None]
         if unscheduled:
             reasons.append(self.message("unscheduled_reason",

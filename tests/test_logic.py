@@ -808,6 +808,41 @@ def test_the_verdict_is_a_pure_decision_over_results_unscheduled_and_grace():
     assert c.verdict({"node-1": None}, ["web"], in_grace) == "not_converged", "unscheduled outranks waiting"
 
 
+def test_a_post_made_during_a_tick_is_unscheduled_in_that_tick_s_verdict(tmp_path, monkeypatch):
+    """A POST lands after step 4 placed what step 2 read, before the loop saves: the tick saves
+    its placement, keeps the POST, and does not end "Converged" while web has no node. The
+    next tick (the POST's wake) places web. Real ticks, the nodes' files changed by a shell."""
+    path = tmp_path / "desired_state.txt"
+    path.write_text("app1\n")
+    desired_file = m.DesiredStateFile(str(path), c.parse_desired_state)
+    nodes = m.Nodes({node: ("127.0.0.1", 22) for node in c.NODES}, str(tmp_path), "root", None,
+                    3.0, threading.Event())
+    monkeypatch.setattr(nodes, "on_every_node", lambda commands: {
+        node: subprocess.run(["sh", "-c", command], check=True, capture_output=True).stdout
+        for node, command in commands.items()})
+    printed = []
+    for name, value in [("desired_file", desired_file), ("nodes", nodes)]:
+        monkeypatch.setattr(c, name, value)
+    monkeypatch.setattr(c.log, "emit", printed.append)
+    explain_schedule = c.explain_schedule
+
+    def explain_then_a_post_arrives(placements, unscheduled):
+        explain_schedule(placements, unscheduled)
+        desired_file.update(c.declare, "web")  # what POST /api/containers does, in the API thread
+
+    monkeypatch.setattr(c, "explain_schedule", explain_then_a_post_arrives)
+    c.run_tick("timer", {})
+    first = list(c.NODES)[0]
+    assert path.read_text() == f"app1:{first}\nweb\n", "the placement and the POST both saved"
+    assert (tmp_path / f"{first}_running.txt").read_text() == "app1\n"
+    assert printed[-1].strip() == "❌ Not converged: 1 container unscheduled"
+
+    monkeypatch.setattr(c, "explain_schedule", explain_schedule)
+    c.run_tick("wake", {})
+    assert c.parse_desired_state(path.read_text())[0]["web"] is not None
+    assert printed[-1].strip() == "✅ Converged"
+
+
 def test_a_failure_outranks_waiting_and_nothing_silent_is_converged():
     lines, _ = verdicts("en", ({"node-2": m.NodeError("sed: disk full")}, [], {"node-1": (1.0, 29.0)}),
                         ({"node-2": None}, [], {}), ({}, ["web"], {}))
