@@ -230,10 +230,7 @@ def get_current_state(failed_writes):
     in_grace = grace_periods(conditions, last_answered, now, NODE_GRACE_SECONDS)
     observation = Observation(running, live_nodes, in_grace, conditions)
     status.remember(observation)  # what the API and the page show
-    for node in NODES:  # ✓ node-1: nginx, - node-2: empty, ⚠️  node-3: unavailable, ...
-        log.say_node(node, conditions[node], answers[node], in_grace.get(node))
-    log.say("running_count", nodes=log.count(len(live_nodes), "node"),
-            containers=log.count(sum(len(running[node]) for node in live_nodes), "container"))
+    log.say_observation(answers, observation)  # ✓ node-1: nginx, ⚠️  node-2: unavailable
     return observation
 
 
@@ -262,8 +259,9 @@ def reconcile(observed, desired, failed_writes):
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
     # One SSH command per node, all at once. For node-1 keeping web and starting api, roughly:
     #     sed -i -E '/^(web)$/!d' node-1_running.txt && printf '%s\n' api >> node-1_running.txt
-    # Keeping only the to_keep lines stops all the others at once. Whatever fails is redone by
-    # the next tick, which finds it still to do.
+    # sed deletes (d) every line that is not (!) a to_keep name: that stops all the others at
+    # once. Then printf appends what starts. Whatever fails is redone by the next tick, which
+    # finds it still to do.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():  # ◼ STOP: app1 on node-1, ▶ START: app1 on node-2, or ✗ ...
         log.say_actions(node, desired, observed.running[node], p, results[node])

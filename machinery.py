@@ -395,6 +395,16 @@ class TickLog:
         else:
             self.say("node_empty", node=node)
 
+    def say_observation(self, answers, observation):
+        """Step 1's lines: one per node (say_node), then how many Ready nodes run how many
+        containers. answers: {node: NodeFile or the error}; observation: the lesson's."""
+        for node, answer in answers.items():
+            self.say_node(node, observation.conditions[node], answer,
+                          observation.in_grace.get(node))
+        running = sum(len(observation.running[node]) for node in observation.live_nodes)
+        self.say("running_count", nodes=self.count(len(observation.live_nodes), "node"),
+                 containers=self.count(running, "container"))
+
     def say_started(self, host, port, nodes, tick_seconds, token):
         """The controller's first line: where its API listens, its nodes, its tick."""
         self.say("started_token" if token else "started", host=f"[{host}]" if ":" in host else host,
