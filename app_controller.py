@@ -79,10 +79,10 @@ API_TOKEN = settings.token("API_TOKEN")
 LOG_LANG = settings.choice("LOG_LANG", "en", ["en", "fr"])  # fr: the original project's words
 
 shutting_down = threading.Event()  # set by SIGTERM or Ctrl-C
-log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # say(): a log line; record(): a fact for the page
+log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # the tick's log, and what the page shows of it
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)  # the last observation, as the API and the page show it
-timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock: sleep, wake, pause, step
+timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock; the API wakes it
 # node -> when it last answered (at start, now). Step 1 keeps it; a silent node's grace counts
 # from there. With failed_writes (next), it is all a tick leaves to the next one.
 last_answered = {node: time.monotonic() for node in NODES}
@@ -138,10 +138,10 @@ def run_tick(trigger, failed_writes):
     desired, placements = schedule(desired, observed.live_nodes)
     unscheduled = [name for name, node in desired.items() if node is None]  # no live node
     explain_schedule(placements, unscheduled)
-    # Save the decisions of steps 3 and 4 that still hold, and go on with what the file declares
-    # now (see "Two writers", next).
+    # Steps 3 and 4 decided on the copy step 2 read. Save their decisions into the file as it is
+    # now, and go on with that: a POST or a hand edit made since then wins (see "Two writers").
     desired = desired_file.update(apply_decisions, orphans, placements)
-    unscheduled = [name for name, node in desired.items() if node is None]  # and any POST since
+    unscheduled = [name for name, node in desired.items() if node is None]  # a new POST's too
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
     acted, results = reconcile(observed, desired, failed_writes)
@@ -293,12 +293,14 @@ def grace_periods(conditions, answered_at, now, grace):
     """Step 1: which Unknown nodes keep their containers, as {node: (silent for, eviction in)}.
 
     A crash and a cut cable look alike, and a node cut off still runs its containers: starting
-    them elsewhere at once would run them twice. So we wait. (Kubernetes waits 50 s, its node-
-    monitor-grace-period, then 300 s, the unreachable taint's toleration.) A NotReady node gets
-    no grace: it answers, so it is only broken. Silence counts from the node's last answer, and
-    the loop only looks at ticks. Say grace is 30, a tick sleeps 5 s and waits 3 s (SSH_TIMEOUT)
-    for a silent node. Cut off just after a tick, it is found silent for 8, 16 and 24 s
-    (⏳ Waiting), then 32 s, and its containers move. Back before that, it keeps them."""
+    them elsewhere at once would run them twice. So we wait. (Kubernetes waits 50 s before it
+    calls a node unreachable, then 5 more minutes before it evicts its pods.) A NotReady node
+    gets no grace: it answers, so it is only broken.
+
+    Silence counts from the node's last answer, and the loop only looks at ticks. Say grace is
+    30, a tick sleeps 5 s and waits 3 s (SSH_TIMEOUT) for a silent node. Cut off just after a
+    tick, it is found silent for 8, 16 and 24 s (⏳ Waiting), then 32 s, and its containers
+    move. Back before that, it keeps them."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - answered_at[node]
