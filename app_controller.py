@@ -4,8 +4,9 @@ You declare what should run, through a REST API that writes desired_state.txt. A
 compares that with what really runs on the nodes and acts on the difference. Each tick starts
 again from the whole state, so the loop is level-triggered: a missed event, a hand edit or a
 node dying behind our back is seen at the next tick. An edge-triggered loop, acting once per
-event, would miss them for good. Only two facts go from one tick to the next (when each node
-last answered, and whose last write failed); a restart forgets them.
+event, would miss them for good. Only two facts go from one tick to the next, and a restart
+forgets them: when each node last answered (its grace period counts from there), and whose
+last write failed (a full disk still reads fine, so only a failed write shows it).
 
     while True:                     control_loop(), then run_tick()    in Kubernetes
         1. get_current_state()      observe what each node runs        the kubelets' reports
@@ -33,8 +34,7 @@ state, push's delivery.
 Words:
     container  a line in node N's file, N_running.txt (simulated: append starts, remove stops).
     intruder   a line that nobody declared.
-    zombie     a line left on a node that was away while its container moved elsewhere.
-               (A stopped node keeps its file, as a machine keeps its disk.)
+    zombie     a line a node kept (as a disk would) while it was away and its container moved.
     Ready      the node answers, and its commands work.
     NotReady   the node answers, but a command fails there.
     Unknown    no command could run: no answer within SSH_TIMEOUT, or SSH refused us.
@@ -295,7 +295,7 @@ def grace_periods(conditions, answered_at, now, grace):
     A crash and a cut cable look alike, and a node cut off still runs its containers: starting
     them elsewhere at once would run them twice. So we wait. (Kubernetes waits 50 s before it
     calls a node unreachable, then 5 more minutes before it evicts its pods.) A NotReady node
-    gets no grace: it answers, so it is only broken.
+    gets no grace: it answers, so it is broken, not cut off, and waiting would not mend it.
 
     Silence counts from the node's last answer, and the loop only looks at ticks. Say grace is
     30, a tick sleeps 5 s and waits 3 s (SSH_TIMEOUT) for a silent node. Cut off just after a
@@ -411,7 +411,8 @@ def still_failing(failed_writes, results):
 def verdict(results, unscheduled, in_grace):
     """How the tick ends. ❌ Not converged if an action failed or a container has no node.
     Otherwise ⏳ Waiting while a node is in its grace period, since nobody knows what it runs.
-    Otherwise ✅ Converged. An action that worked counts as done; the requeue tick checks it."""
+    Otherwise ✅ Converged: each container has a node that answered, and each action worked
+    (the requeue tick checks it). A node silent past its grace may still run copies."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
@@ -468,8 +469,7 @@ def delete_container(name):
     return jsonify(name=name, node=node, deleted=True)
 
 
-# The rest of the API is machinery: JSON errors, the token, GET /api/containers/<name>,
-# /api/nodes, /healthz, the teacher's /api/loop/pause|step|resume, the page and /api/state.
+# The rest of the API is machinery's: errors, the token, /api/nodes, the page, pause and step.
 machinery.add_classroom_api(
     api, desired_file=desired_file, status=status, log=log, timer=timer, token=API_TOKEN,
     tick_seconds=TICK_SECONDS, grace_seconds=NODE_GRACE_SECONDS,
