@@ -158,22 +158,22 @@ def run_tick(trigger, failed_writes):
 # A teacher may edit the file by hand; the next tick sees it.
 # Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
 #     result = desired_file.update(change, *args)
-# which, holding one lock, does this and returns what change returned:
-#   1. parses the file into `desired`;
-#   2. calls change(desired, *args); if it raises (a 404, a 409), nothing is saved;
-#   3. saves `desired`, unless the file changed since 1 (its inode, size or mtime), since a
-#      teacher's editor takes no lock; then it goes back to 1, with the new text.
-# So no update overwrites another. The save is atomic (a new file, renamed over the old one).
+# update holds one lock, so the two take turns. Inside the lock it does three things:
+#   1. It parses the file into `desired`.
+#   2. It calls change(desired, *args). If change raises (a 404, a 409), nothing is saved.
+#   3. It saves `desired`, unless the file changed since 1. A teacher's editor takes no lock,
+#      so update checks the file's inode, size and mtime, and on a change starts again at 1.
+# Then it returns what change returned. No update overwrites another, and a save is atomic.
 
 def apply_decisions(desired, orphans, placements):
     """The loop's change: steps 3 and 4's decisions, applied to `desired`, the file as it is now.
 
     The file may have changed since step 2 read it. So a decision applies only to a line that
-    still says what step 2 read: an orphan still on its dead node, a placement still without a
-    node. Any other decision is dropped, even if the log printed it; the next tick decides
-    again. (Kubernetes, for the same reason, checks an object's resourceVersion.) A container
-    declared meanwhile gets no decision: the next tick, which its POST's wake starts at once,
-    places it."""
+    still says what step 2 read. An orphan must still be on its dead node, and a placement
+    must still have no node. Any other decision is dropped, even if the log printed it, and
+    the next tick decides again. Kubernetes checks an object's resourceVersion for the same
+    reason. A container declared meanwhile gets no decision here. Its POST woke the loop, so
+    the next tick starts at once and places it."""
     for name, node in orphans:
         if desired.get(name) == node:
             desired[name] = None
@@ -254,8 +254,8 @@ def explain_schedule(placements, unscheduled):
 def reconcile(observed, desired, failed_writes):
     """Step 5: diff what each node runs against what it should run, then start and stop.
 
-    Returns (acted, {node: None or the error}) for the nodes given an action. acted is True
-    if a node whose action worked started or stopped something."""
+    Returns (acted, results). results maps each node that got an action to None or its error.
+    acted is True if a node whose action worked started or stopped something."""
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
     # One SSH command per node, all at once. For node-1 keeping web and starting api, roughly:
     #     sed -i -E '/^(web)$/!d' node-1_running.txt && printf '%s\n' api >> node-1_running.txt
@@ -310,18 +310,18 @@ def grace_periods(conditions, answered_at, now, grace):
 
 
 def cleanup_dead_nodes(desired, holding_nodes):
-    """Step 3: unassign every container whose node may no longer hold it (NotReady, silent
-    past its grace, or not a node at all). holding_nodes: the Ready nodes and those in their
-    grace period. Returns (new desired, orphans). An orphan is (name, the node it lost), and
-    step 4 places it again at once. Nothing moves back when a node returns. (Kubernetes does
-    not move a pod: it deletes it, and its ReplicaSet makes a new one.)
+    """Step 3: unassign what sits on a node that may no longer hold it. Returns (desired, orphans).
+    holding_nodes are the Ready nodes and those in their grace period. A container on any other
+    node (NotReady, silent past its grace, or not a node at all) becomes an orphan: (name, the
+    node it lost). Step 4 places it again at once, and nothing moves back when a node returns.
+    Kubernetes does not move a pod: it deletes it, and its ReplicaSet makes a new one.
 
-    node-2 dies while it runs app1, with no grace. The next tick logs:
+    Say node-2 dies while it runs app1, with no grace period. The next tick logs:
           ⚠️  node-2: unavailable
           💀 CLEANUP: app1 (node node-2 down)
           📍 SCHEDULE: app1 → node-1
           ▶ START: app1 on node-1
-    When node-2 answers again, still listing app1 (a zombie): ◼ STOP: app1 on node-2."""
+    When node-2 answers again, it still lists app1, now a zombie: ◼ STOP: app1 on node-2."""
     cleaned, orphans = {}, []
     for name, node in desired.items():
         if node is not None and node not in holding_nodes:
@@ -334,9 +334,9 @@ def cleanup_dead_nodes(desired, holding_nodes):
 def schedule(desired, live_nodes):
     """Step 4: give every unassigned container a live node. Returns (new desired, placements).
 
-    Each goes to the live node with the fewest containers assigned; on a tie, to the first in
-    NODES order. From empty nodes, that is round-robin; after a failure, the emptiest nodes
-    fill first. A placement is (name, node, the loads compared): it shows why that node."""
+    Each container goes to the live node with the fewest containers assigned. If nodes tie,
+    the first one in NODES order wins. From empty nodes this gives round-robin. After a failure,
+    the emptiest nodes fill first. A placement is (name, node, the loads it compared)."""
     assigned = Counter(desired.values())  # node -> how many containers the file gives it
     load = {node: assigned[node] for node in live_nodes}
     scheduled, placements = {}, []
@@ -359,12 +359,12 @@ class NodePlan(NamedTuple):  # what step 5 will do on one node
 def diff_node(running, wanted):
     """Step 5: what to start, stop and keep, so that a node running `running` runs `wanted`.
 
-    What is listed but not wanted is stopped, as a kubelet kills what runs on its node that no
-    pod asks for. A wanted name listed twice is removed and appended once (the node keeps lines
-    by name): a STOP and a START. For example:
+    Whatever is listed but not wanted is stopped, intruders included, as a kubelet stops the
+    containers of a pod no longer bound to its node. A wanted name listed twice cannot be kept,
+    because keeping a name keeps all its lines. So it is stopped and started again:
         diff_node(["web", "intruder", "db", "db"], wanted=["web", "db", "api"])
         == NodePlan(to_start=["db", "api"], to_stop=["intruder", "db"], to_keep=["web"])
-    Only to_keep and to_start, declared names, reach the node's shell, never a line it lists."""
+    Only to_keep and to_start reach the node's shell, and they hold only declared names."""
     listed = Counter(running)  # name -> how many of the node's lines list it
     to_keep = [name for name in wanted if listed[name] == 1]
     kept = set(to_keep)
@@ -394,9 +394,9 @@ def still_failing(failed_writes, results):
 
     A full disk still reads fine, and only a failed write shows it. So the loop remembers it:
         tick N, step 5     a write fails on node-1: failed_writes = {"node-1": why}
-        tick N+1, step 1   node-1 is NotReady (node_conditions)
+        tick N+1, step 1   node-1 is NotReady (see node_conditions)
                   step 3   its containers lose their node, and step 4 places them elsewhere
-                  step 5   node-1 gets a write even with nothing to do, to test it again
+                  step 5   node-1 gets a write anyway, to test it (it stops the old containers)
         once a write works node-1 leaves failed_writes, and is Ready at the next tick
     A node that does not answer stays as it was, because a silence proves nothing."""
     failed_writes = dict(failed_writes)
@@ -409,10 +409,10 @@ def still_failing(failed_writes, results):
 
 
 def verdict(results, unscheduled, in_grace):
-    """How the tick ends. ❌ Not converged if an action failed or a container has no node.
-    Otherwise ⏳ Waiting while a node is in its grace period, since nobody knows what it runs.
-    Otherwise ✅ Converged: each container has a node that answered, and each action worked
-    (the requeue tick checks it). A node silent past its grace may still run copies."""
+    """How the tick ends. It is ❌ Not converged if an action failed or a container has no
+    node. Otherwise it is ⏳ Waiting while a node is in its grace period, since nobody knows
+    what that node runs. Otherwise it is ✅ Converged: each container has a node that answered,
+    and each action worked (the requeue tick checks it)."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
@@ -431,14 +431,14 @@ api = Flask(__name__)
 
 
 def declare(desired, name):
-    """Add the name, unscheduled; 409 if it is already declared."""
+    """Add the name with no node. Abort with 409 if it is already declared."""
     if name in desired:
         abort(409, f"container {name!r} already exists")
     desired[name] = None
 
 
 def forget(desired, name):
-    """Remove the name; 404 if it is not declared. Returns the node it had."""
+    """Remove the name and return the node it had. Abort with 404 if it is not declared."""
     if name not in desired:
         abort(404, f"no container named {name!r}")
     return desired.pop(name)
