@@ -83,8 +83,9 @@ log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # the tick's log, and what the p
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)  # the last observation, as the API and the page show it
 timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock; the API wakes it
-# node -> when it last answered (at start, now). Step 1 keeps it; a silent node's grace counts
-# from there. With failed_writes (next), it is all a tick leaves to the next one.
+# node -> when it last answered (at start, now); a silent node's grace counts from there. Only
+# step 1 changes it, so it lives here. failed_writes (next) goes from step 5 to the next
+# tick's step 1, so run_tick passes it on, where you can see it.
 last_answered = {node: time.monotonic() for node in NODES}
 
 
@@ -259,9 +260,8 @@ def reconcile(observed, desired, failed_writes):
     plan = plan_reconcile(observed.running, desired, retry=failed_writes)
     # One SSH command per node, all at once. For node-1 keeping web and starting api, roughly:
     #     sed -i -E '/^(web)$/!d' node-1_running.txt && printf '%s\n' api >> node-1_running.txt
-    # sed deletes (d) every line that is not (!) a to_keep name: that stops all the others at
-    # once. Then printf appends what starts. Whatever fails is redone by the next tick, which
-    # finds it still to do.
+    # sed deletes (d) every line that is not (!) a to_keep name, so all the others stop at once.
+    # Then printf appends what starts. The next tick finds whatever failed still to do.
     results = nodes.keep_and_start({node: (p.to_keep, p.to_start) for node, p in plan.items()})
     for node, p in plan.items():  # ◼ STOP: app1 on node-1, ▶ START: app1 on node-2, or ✗ ...
         log.say_actions(node, desired, observed.running[node], p, results[node])
