@@ -27,9 +27,8 @@ github.com/silefort/duckConfKubernetes. It compares:
 
 Kubernetes is pull: each node's kubelet watches the API server for its pods and runs them.
 This file keeps what makes pull converge: a declared state, compared at every tick, so a
-lost action is redone. But it runs no agent on the nodes, to stay one program you can read.
-Its loop reaches into each node over SSH instead, as a push center would: pull's declared
-state, push's delivery.
+lost action is redone. But to stay one program you can read, it runs no agent on the nodes.
+Its loop reaches into them over SSH, as a push center would: pull's state, push's delivery.
 
 Words:
     container  a line in node N's file, N_running.txt (simulated: append starts, remove stops).
@@ -142,7 +141,8 @@ def run_tick(trigger, failed_writes):
     # Steps 3 and 4 decided on the copy step 2 read. Save their decisions into the file as it is
     # now, and go on with that: a POST or a hand edit made since then wins (see "Two writers").
     desired = desired_file.update(apply_decisions, orphans, placements)
-    unscheduled = [name for name, node in desired.items() if node is None]  # a new POST's too
+    # A POST made since step 2 has no node yet, so this tick ends ❌; the next one places it.
+    unscheduled = [name for name, node in desired.items() if node is None]
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
     acted, results = reconcile(observed, desired, failed_writes)
@@ -165,6 +165,7 @@ def run_tick(trigger, failed_writes):
 #   3. It saves `desired`, unless the file changed since 1. A teacher's editor takes no lock,
 #      so update checks the file's inode, size and mtime, and on a change starts again at 1.
 # Then it returns what change returned. No update overwrites another, and a save is atomic.
+# (An editor that saves an old copy still undoes what was saved since: no lock can stop that.)
 
 def apply_decisions(desired, orphans, placements):
     """The loop's change: steps 3 and 4's decisions, applied to `desired`, the file as it is now.
@@ -409,10 +410,9 @@ def still_failing(failed_writes, results):
 
 
 def verdict(results, unscheduled, in_grace):
-    """How the tick ends. It is ❌ Not converged if an action failed or a container has no
-    node. Otherwise it is ⏳ Waiting while a node is in its grace period, since nobody knows
-    what that node runs. Otherwise it is ✅ Converged: each container has a node that answered,
-    and each action worked (the requeue tick checks it)."""
+    """How the tick ends. It is ❌ Not converged if an action failed or a container has no node.
+    Otherwise it is ⏳ Waiting while a node is in its grace period, since nobody knows what it
+    runs. Otherwise ✅ Converged: each container has a node that answered, and no action failed."""
     if unscheduled or any(error is not None for error in results.values()):
         return "not_converged"
     return "waiting" if in_grace else "converged"
