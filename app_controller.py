@@ -34,9 +34,10 @@ Words:
     container  a line in node N's file, N_running.txt (simulated: append starts, remove stops).
     intruder   a line that nobody declared.
     zombie     a line a node kept (as a disk would) while it was away and its container moved.
-    Ready      the node answers, and its commands work.
-    NotReady   the node answers, but a command fails there.
-    Unknown    no command could run: no answer within SSH_TIMEOUT, or SSH refused us.
+    Ready      the node answers, and its commands work. It keeps its containers, gets new ones.
+    NotReady   it answers, but a command fails there. Its containers move; it gets no new ones.
+    Unknown    no answer within SSH_TIMEOUT, or SSH refused us. Its containers stay during its
+               grace period (NODE_GRACE_SECONDS, 0 by default), then move; it gets no new ones.
 
 machinery.py holds what this file stands on (checked settings, SSH, safe writes, the timer,
 the log, the page), and kubernetes_api.py the routes for kubectl. You need not read them.
@@ -154,9 +155,8 @@ def run_tick(trigger, failed_writes):
 
 
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
-# One container per line: "nginx" (declared, no node yet) or "nginx:node-2" (assigned).
-# Blank lines and "# comments" are allowed, and a save keeps them, as it keeps a bad line.
-# A teacher may edit the file by hand; the next tick sees it.
+# One container per line: "nginx" (no node yet) or "nginx:node-2" (assigned). Blank lines,
+# "# comments" and bad lines stay when it is saved. A teacher may edit it; the next tick sees it.
 # Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
 #     result = desired_file.update(change, *args)
 # update holds one lock, so the two take turns. Inside the lock it does three things:
