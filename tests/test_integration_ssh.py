@@ -356,6 +356,25 @@ def test_ssh_connections_stay_open_across_ticks(cluster, ctl):
     assert len(cluster["node-2"].connections()) == 1
 
 
+def test_the_demo_player_starts_a_demo_only_after_the_check_of_the_last_actions(cluster, ctl):
+    """The lesson demos' player (tests/e2e/demo_player.py) waits, as a teacher pauses, until
+    the requeue tick has checked what the last demo started: a `docker stop` typed before that
+    check would make the check tick act itself, and the plan's "checking the last actions"
+    tick would never come. Here a START is seen in the log; settle() must then return only
+    once the requeue tick that checks it has finished."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+    from demo_player import Player
+    mark = ctl.mark()
+    post(ctl, "nginx")
+    ctl.wait_for_line(line("  ▶ START: nginx on node-1"), WAIT, after=mark)
+    state = Player(None, ctl.api_port).settle()  # the /api/state it decided on
+    [started] = [tick["number"] for tick in state["ticks"]
+                 if {"kind": "start", "name": "nginx", "node": "node-1", "ok": True} in tick["actions"]]
+    newest = state["ticks"][-1]
+    assert newest["number"] > started, "the tick after the START (requeue or wake) had finished"
+    assert newest["actions"] == [] and state["loop"]["tick_count"] == newest["number"], newest
+
+
 def test_delete_stops_container(cluster, ctl):
     """DELETE -> `◼ STOP`, the line is removed, the container is gone from the API."""
     post(ctl, "nginx")

@@ -10,10 +10,13 @@ import subprocess
 import threading
 import time
 
+import requests
+
 from demo_documents import find_in_order
 
 COMMAND_TIMEOUT = 180  # seconds, for one commands block
 EXPECT_TIMEOUT = 75    # seconds: a partition's 30 s grace period, ticks, SSH timeouts
+SETTLE_TIMEOUT = 15    # seconds: a tick that acted is checked 0.3 s later, or by the timer
 
 
 class Terminal:
@@ -64,11 +67,37 @@ class Player:
         return text.replace("localhost:8080", f"localhost:{self.port}")
 
     def play(self, number, blocks):
+        self.settle()
         for block in blocks:
             if block.kind == "commands":
                 self.run(number, block)
             else:
                 self.expect(number, block)
+
+    def settle(self):
+        """Before a demo, as a teacher pauses between two: let the loop finish what the last
+        demo set in motion. A tick that acted is checked by a requeue tick 0.3 s later. A demo
+        whose first command lands before that check (a `docker stop`) makes the check tick act
+        in its turn, and the "checking the last actions" tick its plan shows never comes. So
+        wait until no tick is running and the last one started and stopped nothing, or the
+        loop is paused, or no controller answers (nothing is in motion). This only paces the
+        demos: it proves nothing. Returns the /api/state it decided on (None: no answer)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                state = requests.get(f"http://127.0.0.1:{self.port}/api/state", timeout=5).json()
+            except (requests.RequestException, ValueError):
+                return None
+            loop, ticks = state.get("loop", {}), state.get("ticks") or [{}]
+            newest = ticks[-1]
+            in_progress = loop.get("tick_count", 0) > newest.get("number", 0)
+            acted = any(action["kind"] in ("start", "stop") and action["ok"]
+                        for action in newest.get("actions", []))
+            if loop.get("paused") or not (in_progress or acted):
+                return state
+            time.sleep(0.1)
+        return state
 
     def run(self, number, block):
         for name, terminal in self.terminals.items():
