@@ -444,15 +444,6 @@ class TickLog:
     def say_actions(self, node, desired, ran, plan, error):
         """Step 5's lines for one node (◼ STOP, ▶ START, ✗ actions failed), and its record for
         the page: what should run, what ran, what it started and stopped."""
-        self.record_actions(node, desired, ran, plan, error)
-        self.say_each("stop", plan.to_stop, node=node)
-        for name in plan.to_start:
-            self.say("start", name=name, node=node)
-        if error is not None:
-            self.say("actions_failed", node=node, error=self.describe(error))
-
-    def record_actions(self, node, desired, ran, plan, error):
-        """Record what step 5 did on one node: what should run, what ran, what it started and stopped."""
         should_run = [name for name, assigned in desired.items() if assigned == node]
         to_start, to_stop = plan.to_start, plan.to_stop
         self.record("reconcile", node=node, ok=error is None,
@@ -460,6 +451,11 @@ class TickLog:
                     should_run=should_run[:LIST_LIMIT], ran=[cut_text(name) for name in ran[:LIST_LIMIT]],
                     ran_count=len(ran), start=to_start[:LIST_LIMIT],
                     stop=[cut_text(name) for name in to_stop[:LIST_LIMIT]], stop_count=len(to_stop))
+        self.say_each("stop", to_stop, node=node)
+        for name in to_start:
+            self.say("start", name=name, node=node)
+        if error is not None:
+            self.say("actions_failed", node=node, error=self.describe(error))
 
     # --- ticks ---
 
