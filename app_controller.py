@@ -100,7 +100,7 @@ def control_loop():
             acted, failed_writes = run_tick(trigger, failed_writes)  # the five steps
         except machinery.ShuttingDown:
             return
-        except Exception as error:  # a bug, a full disk here: a dead loop would watch nothing
+        except Exception as error:  # a bug, a full disk here, a hand edit mid-tick: keep watching
             log.fail_tick(error)  # the tick ends ❌ Not converged, with the error
         seconds, reason = when_to_tick_again(acted, trigger)
         # Sleep that long. An API change, even one made during this tick, ends the sleep at once.
@@ -126,24 +126,23 @@ def run_tick(trigger, failed_writes):
     log.begin_step(1)  # OBSERVE what really runs (in Kubernetes, each kubelet reports it)
     observed = get_current_state(failed_writes)
 
-    log.begin_step(2)  # READ what the users declared (the API server's objects)
-    desired = get_desired_state()  # {name: its node, or None if it has none yet}
+    # Steps 2 to 4 hold the file's lock, so a POST or DELETE waits for their save and nothing
+    # decides on an old copy (see "Two writers").
+    with desired_file.lock:
+        log.begin_step(2)  # READ what the users declared (the API server's objects)
+        desired, version = get_desired_state()  # {name: its node, or None if it has none yet}
 
-    log.begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
-    # A node in its grace period keeps its containers, because it may only be cut off.
-    holding_nodes = observed.live_nodes + list(observed.in_grace)
-    desired, orphans = cleanup_dead_nodes(desired, holding_nodes)
-    log.say_cleanup(orphans, observed.conditions, last_answered, NODE_GRACE_SECONDS)
+        log.begin_step(3)  # CLEANUP dead nodes (the node lifecycle controller)
+        # A node in its grace period keeps its containers, because it may only be cut off.
+        holding_nodes = observed.live_nodes + list(observed.in_grace)
+        desired, orphans = cleanup_dead_nodes(desired, holding_nodes)
+        log.say_cleanup(orphans, observed.conditions, last_answered, NODE_GRACE_SECONDS)
 
-    log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
-    desired, placements = schedule(desired, observed.live_nodes)
-    unscheduled = [name for name, node in desired.items() if node is None]  # no live node
-    explain_schedule(placements, unscheduled)
-    # Steps 3 and 4 decided on the copy step 2 read. Save their decisions into the file as it is
-    # now, and go on with that: a POST or a hand edit made since then wins (see "Two writers").
-    desired = desired_file.update(apply_decisions, orphans, placements)
-    # A POST made since step 2 has no node yet, so this tick ends ❌; the next one places it.
-    unscheduled = [name for name, node in desired.items() if node is None]
+        log.begin_step(4)  # SCHEDULE what has no node (kube-scheduler)
+        desired, placements = schedule(desired, observed.live_nodes)
+        unscheduled = [name for name, node in desired.items() if node is None]  # no live node
+        explain_schedule(placements, unscheduled)
+        desired_file.save(desired, version)  # steps 3 and 4's decisions, into the file
 
     log.begin_step(5)  # RECONCILE: diff, then act (in Kubernetes, each kubelet syncs its node)
     acted, results = reconcile(observed, desired, failed_writes)
@@ -157,33 +156,15 @@ def run_tick(trigger, failed_writes):
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (no node yet) or "nginx:node-2" (assigned). Blank lines,
 # "# comments" and bad lines stay when it is saved. A teacher may edit it; the next tick sees it.
-# Two writers. The API thread (POST, DELETE) and the loop (steps 3 and 4) both call
-#     result = desired_file.update(change, *args)
-# update holds one lock, so the two take turns. Inside the lock it does three things:
-#   1. It parses the file into `desired`.
-#   2. It calls change(desired, *args). If change raises (a 404, a 409), nothing is saved.
-#   3. It saves `desired`, unless the file changed since 1. A teacher's editor takes no lock,
-#      so update checks the file's inode, size and mtime, and on a change starts again at 1.
-# Then it returns what change returned. No update overwrites another, and a save is atomic.
+# Two writers: the API thread (POST, DELETE) and the loop (steps 3 and 4) both change the
+# file. They take turns with one lock, desired_file.lock. The API holds it inside
+# desired_file.update(change, name), to read the file, change it and save it. The loop holds
+# it from step 2's read to step 4's save. So neither decides on a copy the other has changed.
+# A teacher's editor takes no lock. So a save first checks that the file is still the version
+# that was read (its inode, size and modification time), as Kubernetes checks an object's
+# resourceVersion. If not, update starts again from the teacher's text, and the loop's tick
+# fails: it saves nothing, and the next tick starts again from the edit. A save is atomic.
 # (An editor that saves an old copy still undoes what was saved since: no lock can stop that.)
-
-def apply_decisions(desired, orphans, placements):
-    """The loop's change: steps 3 and 4's decisions, applied to `desired`, the file as it is now.
-
-    The file may have changed since step 2 read it. So a decision applies only to a line that
-    still says what step 2 read. An orphan must still be on its dead node, and a placement
-    must still have no node. Any other decision is dropped, even if the log printed it, and
-    the next tick decides again. Kubernetes checks an object's resourceVersion for the same
-    reason. A container declared meanwhile gets no decision here. Its POST woke the loop, so
-    the next tick starts at once and places it."""
-    for name, node in orphans:
-        if desired.get(name) == node:
-            desired[name] = None
-    for name, node, _ in placements:
-        if name in desired and desired[name] is None:
-            desired[name] = node
-    return desired
-
 
 def parse_desired_state(text):
     """The file's text -> ({name: node or None}, in file order; [problems]).
@@ -237,11 +218,12 @@ def get_current_state(failed_writes):
 
 
 def get_desired_state():
-    """Step 2, read what desired_state.txt declares; a bad line is logged and skipped."""
-    desired, problems = desired_file.read()
+    """Step 2, read what desired_state.txt declares; a bad line is logged and skipped.
+    Returns (desired, version): the version of the file read, for step 4's save."""
+    desired, problems, version = desired_file.read_with_version()
     log.say_bad_lines(problems, os.path.basename(DESIRED_STATE_FILE))
     log.say("declared_count", containers=log.count(len(desired), "container"))
-    return desired
+    return desired, version
 
 
 def explain_schedule(placements, unscheduled):

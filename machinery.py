@@ -223,6 +223,7 @@ MESSAGES = {
         "reason_refused": "connection refused",
         "reason_unreachable": "host unreachable",
         "reason_auth": "authentication failed (is the controller's key authorized?)",
+        "reason_edited": "desired_state.txt was edited during the tick",
         "reason_lost": "connection lost",
         "reason_actions_failed": "its last actions failed: {error}",
     },
@@ -276,6 +277,7 @@ MESSAGES = {
         "reason_refused": "connexion refusée",
         "reason_unreachable": "hôte injoignable",
         "reason_auth": "authentification refusée (la clé du contrôleur est-elle autorisée ?)",
+        "reason_edited": "desired_state.txt a été modifié pendant le tick",
         "reason_lost": "connexion perdue",
         "reason_actions_failed": "ses dernières actions ont échoué : {error}",
     },
@@ -352,6 +354,8 @@ class TickLog:
             return self.message("reason_auth")
         if isinstance(error, (EOFError, ConnectionError, paramiko.SSHException)):
             return self.message("reason_lost")
+        if isinstance(error, EditedMeanwhile):  # only the loop's save() logs it
+            return self.message("reason_edited")
         return cut_text(str(error) or type(error).__name__, 200)
 
     # --- lines ---
@@ -912,6 +916,28 @@ class DesiredStateFile:
     def read(self):
         """({name: node or None}, [problems]): what the file declares now."""
         return self.parse(self.read_text())
+
+    def read_with_version(self):
+        """(desired, problems, version): read(), and the version of the file it read, for
+        save(). The version is taken first: a save landing in between then looks like a
+        change, never like no change."""
+        version = file_version(self.path)
+        desired, problems = self.read()
+        return desired, problems, version
+
+    def save(self, desired, version):
+        """Save `desired`, if the file is still `version`; the caller holds self.lock.
+
+        Comments, bad lines, the BOM and the line endings stay. If a teacher's editor saved
+        the file since it was read, nothing is written and EditedMeanwhile says so."""
+        text = self.read_text()
+        if file_version(self.path) != version:
+            raise EditedMeanwhile("desired_state.txt was edited during the tick")
+        if self.parse(text)[0] == desired:
+            return  # nothing to write
+        if not write_atomically(self.path, render_desired_state(text, desired),
+                                unless_changed_since=version):
+            raise EditedMeanwhile("desired_state.txt was edited during the tick")
 
     def update(self, change, *args):
         """Let change(desired, *args) modify the declared containers, save them, and

@@ -499,8 +499,11 @@ def test_concurrent_posts_and_the_loops_writes_lose_no_update(desired_file):
 
     def assign():
         start.wait()
-        for name in old:  # as step 4 does: place a container that has no node
-            c.desired_file.update(c.apply_decisions, [], [(name, "node-1", {"node-1": 0})])
+        for name in old:  # as steps 2 to 4 do: read, place a container that has no node, save
+            with c.desired_file.lock:
+                desired, _, version = c.desired_file.read_with_version()
+                desired[name] = "node-1"
+                c.desired_file.save(desired, version)
 
     threads = [threading.Thread(target=declare, args=(new[k::4],)) for k in range(4)]
     threads.append(threading.Thread(target=assign))

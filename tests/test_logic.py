@@ -198,7 +198,11 @@ def test_a_hand_edit_saved_while_the_loop_writes_is_never_lost(tmp_path, monkeyp
 
     monkeypatch.setattr(m, "render_desired_state", render_while_the_teacher_saves)
     desired_file = m.DesiredStateFile(str(path), c.parse_desired_state)
-    now = desired_file.update(c.apply_decisions, [], [("app1", "node-1", {"node-1": 0})])
+    def place_app1(desired):  # what an API change would do
+        desired["app1"] = "node-1"
+        return desired
+
+    now = desired_file.update(place_app1)
     assert edits == ["web"]
     assert path.read_text() == "app1:node-1\nweb\n", "the hand edit and the assignment both kept"
     assert now == {"app1": "node-1", "web": None}
@@ -808,10 +812,9 @@ def test_the_verdict_is_a_pure_decision_over_results_unscheduled_and_grace():
     assert c.verdict({"node-1": None}, ["web"], in_grace) == "not_converged", "unscheduled outranks waiting"
 
 
-def test_a_post_made_during_a_tick_is_unscheduled_in_that_tick_s_verdict(tmp_path, monkeypatch):
-    """A POST lands after step 4 placed what step 2 read, before the loop saves: the tick saves
-    its placement, keeps the POST, and does not end "Converged" while web has no node. The
-    next tick (the POST's wake) places web. Real ticks, the nodes' files changed by a shell."""
+def one_tick_setup(tmp_path, monkeypatch):
+    """Real ticks on tmp_path: desired_state.txt holds app1, and the nodes' files are
+    changed by a real shell. Returns (desired_state.txt, its DesiredStateFile, the log lines)."""
     path = tmp_path / "desired_state.txt"
     path.write_text("app1\n")
     desired_file = m.DesiredStateFile(str(path), c.parse_desired_state)
@@ -824,22 +827,64 @@ def test_a_post_made_during_a_tick_is_unscheduled_in_that_tick_s_verdict(tmp_pat
     for name, value in [("desired_file", desired_file), ("nodes", nodes)]:
         monkeypatch.setattr(c, name, value)
     monkeypatch.setattr(c.log, "emit", printed.append)
-    explain_schedule = c.explain_schedule
+    return path, desired_file, printed
 
-    def explain_then_a_post_arrives(placements, unscheduled):
+
+def test_a_post_made_during_steps_2_to_4_waits_for_their_save(tmp_path, monkeypatch):
+    """A POST arrives (in another thread, as the API's) while step 4 explains its placement:
+    it waits for the file's lock, so the tick saves what it decided on the file it read, the
+    POST is saved after, and the tick ends Converged. The next tick (its wake) places web."""
+    path, desired_file, printed = one_tick_setup(tmp_path, monkeypatch)
+    explain_schedule, posts = c.explain_schedule, []
+
+    def explain_while_a_post_arrives(placements, unscheduled):
         explain_schedule(placements, unscheduled)
-        desired_file.update(c.declare, "web")  # what POST /api/containers does, in the API thread
+        assert desired_file.lock.locked(), "steps 2 to 4 hold the lock: a POST must wait"
+        post = threading.Thread(target=desired_file.update, args=(c.declare, "web"))
+        post.start()
+        posts.append(post)
 
-    monkeypatch.setattr(c, "explain_schedule", explain_then_a_post_arrives)
+    monkeypatch.setattr(c, "explain_schedule", explain_while_a_post_arrives)
     c.run_tick("timer", {})
+    posts[0].join(timeout=10)
     first = list(c.NODES)[0]
     assert path.read_text() == f"app1:{first}\nweb\n", "the placement and the POST both saved"
     assert (tmp_path / f"{first}_running.txt").read_text() == "app1\n"
-    assert printed[-1].strip() == "❌ Not converged: 1 container unscheduled"
+    assert printed[-1].strip() == "✅ Converged", "the tick decided on the whole file it read"
 
     monkeypatch.setattr(c, "explain_schedule", explain_schedule)
     c.run_tick("wake", {})
     assert c.parse_desired_state(path.read_text())[0]["web"] is not None
+    assert printed[-1].strip() == "✅ Converged"
+
+
+def test_a_hand_edit_saved_during_a_tick_fails_it_and_the_next_tick_starts_from_the_edit(
+        tmp_path, monkeypatch):
+    """A teacher's editor takes no lock: its save lands between step 2's read and step 4's
+    save. The tick saves nothing and acts on no node; the log says why; the next tick
+    places both app1 and the edit's web."""
+    path, desired_file, printed = one_tick_setup(tmp_path, monkeypatch)
+    explain_schedule = c.explain_schedule
+
+    def explain_while_the_teacher_saves(placements, unscheduled):
+        explain_schedule(placements, unscheduled)
+        (tmp_path / "editor.tmp").write_text("app1\nweb\n")  # saved as editors do: a rename
+        os.replace(tmp_path / "editor.tmp", path)
+
+    monkeypatch.setattr(c, "explain_schedule", explain_while_the_teacher_saves)
+    with pytest.raises(m.EditedMeanwhile) as raised:
+        c.run_tick("timer", {})
+    assert path.read_text() == "app1\nweb\n", "the teacher's save is kept, nothing of the tick's"
+    assert not any(tmp_path.glob("*_running.txt")), "no node was acted on"
+    c.log.fail_tick(raised.value)  # what control_loop does with it
+    assert [line.strip() for line in printed[-2:]] == [
+        "✗ tick failed: desired_state.txt was edited during the tick, retry next tick",
+        "❌ Not converged: desired_state.txt was edited during the tick"]
+
+    monkeypatch.setattr(c, "explain_schedule", explain_schedule)
+    c.run_tick("timer", {})
+    assert set(c.parse_desired_state(path.read_text())[0]) == {"app1", "web"}
+    assert None not in c.parse_desired_state(path.read_text())[0].values()
     assert printed[-1].strip() == "✅ Converged"
 
 
