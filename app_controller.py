@@ -1,4 +1,4 @@
-"""pull-mode: the Kubernetes control loop, in one file you can read top to bottom.
+"""pull-mode (the talk's name; see "Push or pull?"): the Kubernetes control loop, in one file.
 
 You declare what should run, through a REST API that writes desired_state.txt. A loop
 compares that with what really runs on the nodes and acts on the difference. Each tick starts
@@ -160,10 +160,15 @@ def run_tick(trigger, failed_writes):
 # file. They take turns with one lock, desired_file.lock. The API holds it inside
 # desired_file.update(change, name), to read the file, change it and save it. The loop holds
 # it from step 2's read to step 4's save. So neither decides on a copy the other has changed.
+# Step 5 then acts on the copy step 4 saved, without the lock (SSH may take seconds): a DELETE
+# made meanwhile may see its container started once, and the tick it wakes stops it.
+#
 # A teacher's editor takes no lock. So a save first checks that the file is still the version
 # that was read (its inode, size and modification time), as Kubernetes checks an object's
-# resourceVersion. If not, update starts again from the teacher's text, and the loop's tick
-# fails: it saves nothing, and the next tick starts again from the edit. A save is atomic.
+# resourceVersion. If not, update starts again from the teacher's text. The loop's save raises
+# machinery.EditedMeanwhile instead: the tick stops before step 5, control_loop logs
+#     ✗ tick failed: desired_state.txt was edited during the tick, retry next tick
+# and the next tick starts again from the edit. Nothing is lost, and a save is atomic.
 # (An editor that saves an old copy still undoes what was saved since: no lock can stop that.)
 
 def parse_desired_state(text):
@@ -280,10 +285,12 @@ def grace_periods(conditions, answered_at, now, grace):
     calls a node unreachable, then 5 more minutes before it evicts its pods.) A NotReady node
     gets no grace: it answers, so it is broken, not cut off, and waiting would not mend it.
 
-    Silence counts from the node's last answer, and the loop only looks at ticks. Say grace is
-    30, a tick sleeps 5 s and waits 3 s (SSH_TIMEOUT) for a silent node. Cut off just after a
-    tick, it is found silent for 8, 16 and 24 s (⏳ Waiting), then 32 s, and its containers
-    move. Back before that, it keeps them."""
+    Silence counts from the node's last answer, and the loop only looks at ticks. With grace
+    30, each tick sleeps 5 s, then waits 3 s (SSH_TIMEOUT) for the silent node:
+        0 s            node-2 is cut off, just after a tick that it answered
+        8, 16, 24 s    ⚠️  node-2: unavailable for 8 s, eviction in 22 s ... (⏳ Waiting)
+        32 s           silent for longer than 30 s: its containers move (💀 CLEANUP)
+    If it answers before 32 s, it keeps them."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - answered_at[node]
@@ -376,11 +383,13 @@ def still_failing(failed_writes, results):
     """Step 5's memory for the next tick: failed_writes, after this tick's actions.
 
     A full disk still reads fine, and only a failed write shows it. So the loop remembers it:
-        tick N, step 5     a write fails on node-1: failed_writes = {"node-1": why}
-        tick N+1, step 1   node-1 is NotReady (see node_conditions)
-                  step 3   its containers lose their node, and step 4 places them elsewhere
-                  step 5   node-1 gets a write anyway, to test it (it stops the old containers)
-        once a write works node-1 leaves failed_writes, and is Ready at the next tick
+        tick N    step 5  ✗ node-1: actions failed (disk full), retry next tick
+                          failed_writes = {"node-1": "disk full"}
+        tick N+1  step 1  ⚠️  node-1: not ready (its last actions failed: disk full)
+                  step 3  💀 CLEANUP: web (node node-1 not ready), and step 4 moves web
+                  step 5  node-1 gets a write anyway, to test it: nothing is wanted there
+                          now, so it keeps no line and its old containers stop
+        when that write works, node-1 leaves failed_writes: Ready at the next tick
     A node that does not answer stays as it was, because a silence proves nothing."""
     failed_writes = dict(failed_writes)
     for node, error in results.items():
@@ -428,7 +437,8 @@ def forget(desired, name):
 
 @api.post("/api/containers")
 def create_container():
-    """POST /api/containers {"name": "nginx"}: declare it, wake the loop; 201, unscheduled."""
+    """POST /api/containers {"name": "nginx"}: declare it, wake the loop; 201, unscheduled.
+    (With API_TOKEN set, machinery has checked the token before: 401 without it.)"""
     body = request.get_json(force=True, silent=True)  # force: even without a Content-Type
     name = machinery.container_name(body)  # a DNS-1123 label (it reaches a shell), else 400
     desired_file.update(declare, name)

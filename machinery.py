@@ -894,7 +894,8 @@ class EditedMeanwhile(Exception):
 
 
 class DesiredStateFile:
-    """desired_state.txt: read it, or change it safely with update().
+    """desired_state.txt: read it, or change it safely: update() for the API, and for the
+    loop read_with_version() then save(), both while it holds self.lock.
 
     parse: the lesson's parse_desired_state(text) -> ({name: node or None}, problems)."""
 
@@ -902,7 +903,8 @@ class DesiredStateFile:
         self.path = path
         self.parse = parse
         # The API thread and the loop both change the file: every read-modify-write
-        # holds this one lock, so neither ever loses the other's update.
+        # holds this one lock (the loop's from step 2 to step 4), so neither ever loses
+        # the other's update.
         self.lock = threading.Lock()
 
     def read_text(self):
