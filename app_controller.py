@@ -1,4 +1,4 @@
-"""pull-mode (the talk's name; see "Push or pull?"): the Kubernetes control loop, in one file.
+"""The Kubernetes control loop, in one file you can read top to bottom.
 
 You declare what should run, through a REST API that writes desired_state.txt. A loop
 compares that with what really runs on the nodes and acts on the difference. Each tick starts
@@ -17,7 +17,7 @@ last write failed (a full disk still reads fine, so only a failed write shows it
         sleep TICK_SECONDS, or less: 0.3 s after a tick that acted, at once when woken
 In Kubernetes each step is a program of its own with its own loop, all running at once.
 
-Push or pull? The words come from the talk this project grew from,
+Push or pull? The words, and this project's name, pull-mode, come from the talk it grew from,
 github.com/silefort/duckConfKubernetes. It compares:
 
                the center keeps               who changes a node
@@ -39,8 +39,12 @@ Words:
     Unknown    no answer within SSH_TIMEOUT, or SSH refused us. Its containers stay during its
                grace period (NODE_GRACE_SECONDS, 0 by default), then move; it gets no new ones.
 
-machinery.py holds what this file stands on (checked settings, SSH, safe writes, the timer,
-the log, the page), and kubernetes_api.py the routes for kubectl. You need not read them.
+machinery.py holds what this file stands on. You need not read it; trust it to do this:
+    nodes         run one shell command on every node at once, each within SSH_TIMEOUT
+    desired_file  read and save desired_state.txt: one lock, a version check, atomic saves
+    timer         sleep until the next tick is due; timer.wake() (the API) cuts it short
+    log           print the tick's lines (in English or French), keep them for the page
+kubernetes_api.py answers the real kubectl from the same file and the same loop.
 """
 
 import os
@@ -83,9 +87,8 @@ log = machinery.TickLog(LOG_LANG, SSH_TIMEOUT)  # the tick's log, and what the p
 nodes = machinery.Nodes(NODES, NODE_STATE_DIR, SSH_USER, SSH_KEY_FILE, SSH_TIMEOUT, shutting_down)
 status = machinery.ClusterStatus(nodes)  # the last observation, as the API and the page show it
 timer = machinery.LoopTimer(shutting_down, log)  # the loop's clock; the API wakes it
-# node -> when it last answered (at start, now); a silent node's grace counts from there. Only
-# step 1 changes it, so it lives here. failed_writes (next) goes from step 5 to the next
-# tick's step 1, so run_tick passes it on, where you can see it.
+# node -> when it last answered (at start: now). Only step 1 changes it, so it lives here;
+# failed_writes goes from a tick's step 5 to the next tick's step 1, so run_tick passes it on.
 last_answered = {node: time.monotonic() for node in NODES}
 
 
@@ -127,7 +130,7 @@ def run_tick(trigger, failed_writes):
     observed = get_current_state(failed_writes)
 
     # Steps 2 to 4 hold the file's lock, so a POST or DELETE waits for their save and nothing
-    # decides on an old copy (see "Two writers").
+    # decides on an old copy (see "Who writes it").
     with desired_file.lock:
         log.begin_step(2)  # READ what the users declared (the API server's objects)
         desired, version = get_desired_state()  # {name: its node, or None if it has none yet}
@@ -156,19 +159,21 @@ def run_tick(trigger, failed_writes):
 # --- desired_state.txt: what the users declared (the API server, etcd) -------
 # One container per line: "nginx" (no node yet) or "nginx:node-2" (assigned). Blank lines,
 # "# comments" and bad lines stay when it is saved. A teacher may edit it; the next tick sees it.
-# Two writers: the API thread (POST, DELETE) and the loop (steps 3 and 4) both change the
-# file. They take turns with one lock, desired_file.lock. The API holds it inside
-# desired_file.update(change, name), to read the file, change it and save it. The loop holds
-# it from step 2's read to step 4's save. So neither decides on a copy the other has changed.
-# Step 5 then acts on the copy step 4 saved, without the lock (SSH may take seconds): a DELETE
-# made meanwhile may see its container started once, and the tick it wakes stops it.
-#
-# A teacher's editor takes no lock. So a save first checks that the file is still the version
-# that was read (its inode, size and modification time), as Kubernetes checks an object's
-# resourceVersion. If not, update starts again from the teacher's text. The loop's save raises
-# machinery.EditedMeanwhile instead: the tick stops before step 5, control_loop logs
-#     ✗ tick failed: desired_state.txt was edited during the tick, retry next tick
-# and the next tick starts again from the edit. Nothing is lost, and a save is atomic.
+# Who writes it, and how no write is lost:
+#   the API (POST, DELETE)  holds desired_file.lock inside desired_file.update(change, name):
+#                           it reads the file, changes it and saves it.
+#   the loop (steps 3, 4)   holds the same lock from step 2's read to step 4's save. So the API
+#                           and the loop take turns, and neither decides on an old copy.
+#   a teacher's editor      takes no lock. So every save first checks that the file is still
+#                           the version that was read (its inode, size and modification time).
+#                           If not, the API's update starts again from the teacher's text. The
+#                           loop's save raises machinery.EditedMeanwhile: the tick stops before
+#                           step 5 (✗ tick failed: desired_state.txt was edited during the tick),
+#                           and the next tick starts again from the edit.
+# Kubernetes does the same with resourceVersion, a version that each write changes: a write made
+# from an older version is refused (409 Conflict), and the writer reads again and retries.
+# Step 5 acts on step 4's saved copy without the lock (SSH may take seconds): a DELETE made then
+# may see its container started once, and the tick it wakes stops it. Every save is atomic.
 # (An editor that saves an old copy still undoes what was saved since: no lock can stop that.)
 
 def parse_desired_state(text):
