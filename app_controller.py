@@ -290,12 +290,12 @@ def grace_periods(conditions, answered_at, now, grace):
     calls a node unreachable, then 5 more minutes before it evicts its pods.) A NotReady node
     gets no grace: it answers, so it is broken, not cut off, and waiting would not mend it.
 
-    Silence counts from the node's last answer, and the loop only looks at ticks. With grace
-    30, each tick sleeps 5 s, then waits 3 s (SSH_TIMEOUT) for the silent node:
+    Silence counts from the node's last answer, and the loop only looks at ticks. They find a
+    silent node 8 s apart: 5 s of sleep, then 3 s waiting for it (SSH_TIMEOUT). With grace 30:
         0 s            node-2 is cut off, just after a tick that it answered
         8, 16, 24 s    ⚠️  node-2: unavailable for 8 s, eviction in 22 s ... (⏳ Waiting)
         32 s           silent for longer than 30 s: its containers move (💀 CLEANUP)
-    If it answers before 32 s, it keeps them."""
+    If it answers before 32 s, it keeps them. With no grace, they move at 8 s."""
     in_grace = {}
     for node, (condition, _) in conditions.items():
         silent_for = now - answered_at[node]
@@ -394,7 +394,8 @@ def still_failing(failed_writes, results):
                   step 3  💀 CLEANUP: web (node node-1 not ready), and step 4 moves web
                   step 5  node-1 gets a write anyway, to test it: nothing is wanted there
                           now, so it keeps no line and its old containers stop
-        when that write works, node-1 leaves failed_writes: Ready at the next tick
+        when that write works, node-1 leaves failed_writes: Ready at the next tick;
+        while it fails, node-1 stays NotReady, and gets the test write again each tick
     A node that does not answer stays as it was, because a silence proves nothing."""
     failed_writes = dict(failed_writes)
     for node, error in results.items():
