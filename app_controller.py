@@ -26,9 +26,9 @@ github.com/silefort/duckConfKubernetes. It compares:
     this file  what should run (declared)     the center, this loop, again at every tick
 
 Kubernetes is pull: each node's kubelet watches the API server for its pods and runs them.
-This file keeps what makes pull converge: a declared state, compared at every tick, so a
-lost action is redone. But to stay one program you can read, it runs no agent on the nodes.
-Its loop reaches into them over SSH, as a push center would: pull's state, push's delivery.
+So this file is not pull mode. It keeps what makes pull converge: a declared state, compared
+at every tick, so a lost action is redone. But to stay one program you can read, it runs no
+agent on the nodes. Its loop reaches into them over SSH: pull's state, push's delivery.
 
 Words:
     container  a line in node N's file, N_running.txt (simulated: append starts, remove stops).
@@ -290,8 +290,9 @@ def grace_periods(conditions, answered_at, now, grace):
     calls a node unreachable, then 5 more minutes before it evicts its pods.) A NotReady node
     gets no grace: it answers, so it is broken, not cut off, and waiting would not mend it.
 
-    Silence counts from the node's last answer, and the loop only looks at ticks. They find a
-    silent node 8 s apart: 5 s of sleep, then 3 s waiting for it (SSH_TIMEOUT). With grace 30:
+    Silence counts from the node's last answer, and the loop only looks at ticks. Each sleep
+    starts when a tick ends, so ticks find a silent node 8 s apart: 5 s of sleep, then 3 s
+    waiting for it (SSH_TIMEOUT). With grace 30:
         0 s            node-2 is cut off, just after a tick that it answered
         8, 16, 24 s    ⚠️  node-2: unavailable for 8 s, eviction in 22 s ... (⏳ Waiting)
         32 s           silent for longer than 30 s: its containers move (💀 CLEANUP)
