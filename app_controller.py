@@ -266,8 +266,9 @@ def reconcile(observed, desired, failed_writes):
 def node_conditions(answers, failed_writes):
     """Step 1: each node's condition, as in Kubernetes' NodeReady: {node: (condition, reason)}.
 
-    A machinery.NodeError means the read ran and failed there (no sed, its file a directory);
-    any other error, that no command could run."""
+    NotReady comes two ways. The read ran and failed there (a machinery.NodeError: no sed, its
+    file a directory), and step 5 sends it nothing, as nothing was read. Or the read worked but
+    the node's last write failed (see still_failing). Any other error: no command could run."""
     conditions = {}
     for node, answer in answers.items():
         if isinstance(answer, machinery.NodeError):
