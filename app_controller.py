@@ -168,8 +168,8 @@ def run_tick(trigger, failed_writes):
 #                           the version that was read (its inode, size and modification time).
 #                           If not, the API's update starts again from the teacher's text. The
 #                           loop's save raises machinery.EditedMeanwhile: the tick stops before
-#                           step 5 (✗ tick failed: desired_state.txt was edited during the tick),
-#                           and the next tick starts again from the edit.
+#                           step 5 (✗ tick failed: desired_state.txt was edited during the tick,
+#                           retry next tick), and the next tick starts again from the edit.
 # Kubernetes does the same with resourceVersion, a version that each write changes: a write made
 # from an older version is refused (409 Conflict), and the writer reads again and retries.
 # Step 5 acts on step 4's saved copy without the lock (SSH may take seconds): a DELETE made then

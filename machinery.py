@@ -498,7 +498,6 @@ class TickLog:
             reasons.append(self.describe(failed))
         verdict = self.message(outcome, reasons="; ".join(reasons), nodes="; ".join(
             self.message("waiting_node", node=node, left=left) for node, (_, left) in waiting.items()))
-        self.emit(verdict)
         now = time.time()
         tick = self.current
         tick.update(finished_at=now, converged=outcome == "converged", outcome=outcome,
@@ -513,12 +512,19 @@ class TickLog:
                 listener()
             except Exception as error:  # a listener's bug must not fail the tick it follows
                 print(f"pull-mode: after tick {tick['number']}: {self.describe(error)}", file=sys.stderr)
+        # Printed last: once the log shows a tick's verdict, /api/state and kubectl show the tick.
+        self.emit(verdict)
 
     def fail_tick(self, error):
         """A tick raised: log it and end it as failed; the next tick retries from scratch."""
         try:
             if self._open() is None:
                 self.begin_tick("start")  # it failed before it began
+            if isinstance(error, EditedMeanwhile):
+                # Steps 3 and 4 decided, but nothing was saved: the page and kubectl must not
+                # show their decisions as done.
+                self.current["decisions"]["cleanup"].clear()
+                self.current["decisions"]["schedule"].clear()
             self.say("tick_failed", error=self.describe(error))
             self.end_tick("not_converged", {}, [], {}, failed=error)
         except Exception:
@@ -890,7 +896,8 @@ def write_atomically(path, text, unless_changed_since=False):
 
 
 class EditedMeanwhile(Exception):
-    """desired_state.txt kept changing under us: give up this once, nothing was written."""
+    """desired_state.txt changed under us: nothing was written. update() raises it after ten
+    tries, the loop's save() at the first change (the next tick starts from the edit)."""
 
 
 class DesiredStateFile:
@@ -945,7 +952,8 @@ class DesiredStateFile:
         """Let change(desired, *args) modify the declared containers, save them, and
         return what change returns.
 
-        The API and the loop hold the lock, so they take turns. A teacher's editor
+        The API holds the lock here, and the loop from step 2 to step 4, so they take
+        turns. A teacher's editor
         takes none, so just before replacing the file we check it is still the version
         we read (compare-and-swap, as a Kubernetes update checks resourceVersion); if
         not, we start again from the teacher's text. Only a save landing in the

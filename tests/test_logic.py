@@ -181,10 +181,10 @@ def test_the_file_is_read_with_its_line_endings(tmp_path, monkeypatch):
     assert path.read_bytes() == b"nginx\r\nredis\r\nweb\r\n"
 
 
-def test_a_hand_edit_saved_while_the_loop_writes_is_never_lost(tmp_path, monkeypatch):
-    """The teacher's editor takes no lock. Here the hand edit lands exactly between the
-    controller's read of the file and its write (render_desired_state runs in between):
-    the controller must see the file changed and start again from the teacher's text."""
+def test_a_hand_edit_saved_while_the_api_writes_is_never_lost(tmp_path, monkeypatch):
+    """The teacher's editor takes no lock. Here the hand edit lands exactly between an API
+    change's read of the file and its write (render_desired_state runs in between): update
+    must see the file changed and start again from the teacher's text."""
     path = tmp_path / "desired_state.txt"
     path.write_text("app1\n")
     real_render, edits = m.render_desired_state, []
@@ -223,6 +223,49 @@ def test_a_file_that_never_stops_changing_is_left_alone(tmp_path, monkeypatch):
         m.DesiredStateFile(str(path), c.parse_desired_state).update(lambda desired: desired.update(app2=None))
     assert "app2" not in path.read_text() and path.read_text().startswith("app1\n")
     assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"], "no temporary file left"
+
+
+def test_the_loops_save_never_overwrites_a_hand_edit_made_while_it_writes(tmp_path, monkeypatch):
+    """The loop's save (step 4) checks the version it read at step 2 once more just before
+    the rename: a teacher's save landing while it renders the file is kept, and it raises."""
+    path = tmp_path / "desired_state.txt"
+    path.write_text("app1\n")
+    desired_file = m.DesiredStateFile(str(path), c.parse_desired_state)
+    desired, _, version = desired_file.read_with_version()
+    real_render = m.render_desired_state
+
+    def render_while_the_teacher_saves(text, desired):
+        with open(path, "a") as file:  # `echo web >> desired_state.txt`, in place
+            file.write("web\n")
+        return real_render(text, desired)
+
+    monkeypatch.setattr(m, "render_desired_state", render_while_the_teacher_saves)
+    with pytest.raises(m.EditedMeanwhile):
+        desired_file.save({"app1": "node-1"}, version)
+    assert path.read_text() == "app1\nweb\n", "the teacher's save is kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["desired_state.txt"], "no temporary file left"
+
+
+def test_a_hand_edit_made_while_step_2_reads_is_seen_by_the_save(tmp_path, monkeypatch):
+    """read_with_version takes the version before the text: an edit landing between the two
+    makes the save fail, instead of overwriting the edit with a copy that lacks it."""
+    path = tmp_path / "desired_state.txt"
+    path.write_text("app1\n")
+    real_parse = c.parse_desired_state
+
+    def parse_then_the_teacher_saves(text):
+        result = real_parse(text)
+        (tmp_path / "editor.tmp").write_text("app1\nweb\n")
+        os.replace(tmp_path / "editor.tmp", path)
+        return result
+
+    desired_file = m.DesiredStateFile(str(path), parse_then_the_teacher_saves)
+    desired, _, version = desired_file.read_with_version()
+    assert desired == {"app1": None}, "the text as it was read"
+    desired_file.parse = real_parse
+    with pytest.raises(m.EditedMeanwhile):
+        desired_file.save({"app1": "node-1"}, version)
+    assert path.read_text() == "app1\nweb\n", "the teacher's save is kept"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
@@ -790,6 +833,20 @@ def verdicts(language, *ticks):
     return [line.strip() for line in lines if line.startswith("\n") and line.strip()[:1] in "✅❌⏳"], log
 
 
+def test_once_the_log_shows_a_verdict_the_page_and_kubectl_have_the_tick():
+    """A student (or a test) who sees the verdict line and then asks /api/state or kubectl
+    must find that tick: end_tick records it and tells its listeners before it prints."""
+    log, seen = m.TickLog("en"), []
+    log.after_tick.append(lambda: seen.append("listener"))
+    log.emit = lambda text: seen.append(
+        (text.strip(), [tick["number"] for tick in log.recent_ticks()]) if text.startswith("\n✅")
+        else None)
+    log.begin_tick("timer")
+    log.end_tick("converged", {}, [], {})
+    number = log.recent_ticks()[-1]["number"]
+    assert [entry for entry in seen if entry] == ["listener", ("✅ Converged", [number])]
+
+
 def test_a_node_silent_in_its_grace_period_makes_the_verdict_waiting_not_converged():
     silent = {"node-1": (12.0, 18.0)}
     for language, text in [
@@ -835,24 +892,33 @@ def test_a_post_made_during_steps_2_to_4_waits_for_their_save(tmp_path, monkeypa
     it waits for the file's lock, so the tick saves what it decided on the file it read, the
     POST is saved after, and the tick ends Converged. The next tick (its wake) places web."""
     path, desired_file, printed = one_tick_setup(tmp_path, monkeypatch)
-    explain_schedule, posts = c.explain_schedule, []
+    explain_schedule, posts, save = c.explain_schedule, [], desired_file.save
 
     def explain_while_a_post_arrives(placements, unscheduled):
         explain_schedule(placements, unscheduled)
         assert desired_file.lock.locked(), "steps 2 to 4 hold the lock: a POST must wait"
-        post = threading.Thread(target=desired_file.update, args=(c.declare, "web"))
+        post = threading.Thread(target=desired_file.update, args=(c.declare, "web"), daemon=True)
         post.start()
         posts.append(post)
+
+    def save_under_the_lock(desired, version):
+        assert desired_file.lock.locked(), "step 4 saves before it lets the POST in"
+        assert "web" not in desired_file.read()[0], "the POST waited for the save"
+        save(desired, version)
+
+    monkeypatch.setattr(desired_file, "save", save_under_the_lock)
 
     monkeypatch.setattr(c, "explain_schedule", explain_while_a_post_arrives)
     c.run_tick("timer", {})
     posts[0].join(timeout=10)
+    assert not posts[0].is_alive(), "the POST got the lock once the tick had saved"
     first = list(c.NODES)[0]
     assert path.read_text() == f"app1:{first}\nweb\n", "the placement and the POST both saved"
     assert (tmp_path / f"{first}_running.txt").read_text() == "app1\n"
     assert printed[-1].strip() == "✅ Converged", "the tick decided on the whole file it read"
 
     monkeypatch.setattr(c, "explain_schedule", explain_schedule)
+    monkeypatch.setattr(desired_file, "save", save)
     c.run_tick("wake", {})
     assert c.parse_desired_state(path.read_text())[0]["web"] is not None
     assert printed[-1].strip() == "✅ Converged"
@@ -877,6 +943,9 @@ def test_a_hand_edit_saved_during_a_tick_fails_it_and_the_next_tick_starts_from_
     assert path.read_text() == "app1\nweb\n", "the teacher's save is kept, nothing of the tick's"
     assert not any(tmp_path.glob("*_running.txt")), "no node was acted on"
     c.log.fail_tick(raised.value)  # what control_loop does with it
+    failed = c.log.recent_ticks()[-1]
+    assert failed["decisions"]["schedule"] == [] and failed["actions"] == [], \
+        "the page and kubectl must not show the placement the tick could not save"
     assert [line.strip() for line in printed[-2:]] == [
         "✗ tick failed: desired_state.txt was edited during the tick, retry next tick",
         "❌ Not converged: desired_state.txt was edited during the tick"]
