@@ -13,13 +13,11 @@ lesson makes the objects (Settings, TickLog, Nodes, DesiredStateFile, LoopTimer,
 ClusterStatus) and holds them.
 """
 
-import atexit
 import errno
 import hmac
 import logging
 import math
 import os
-import queue
 import re
 import shlex
 import signal
@@ -313,9 +311,6 @@ class TickLog:
         self.last_tick_finished = time.monotonic()
         self.current = None  # the tick being logged; only the loop thread touches it
         self.after_tick = []  # called with no argument once each tick is kept (kubectl's watches)
-        # The lines wait here for the printer thread, started by the first line.
-        self.unprinted = queue.Queue(maxsize=MAX_LINES_KEPT * 10)
-        self.printer = None
 
     # --- words ---
 
@@ -366,33 +361,11 @@ class TickLog:
     # --- lines ---
 
     def emit(self, text):
-        """Print one line of the log, in order, from a thread of its own. A stdout that blocks
-        (a paused pager) must not stop the loop, nor the API while the loop holds the file's
-        lock; one that breaks (`| head`) must not either."""
-        if self.printer is None:
-            self.printer = threading.Thread(target=self._print_lines, name="log", daemon=True)
-            self.printer.start()
-            atexit.register(self.flush)
+        """Print one line of the log. A closed or broken stdout (`| head`) must not stop the loop."""
         try:
-            self.unprinted.put_nowait(text)
-        except queue.Full:
-            pass  # stdout has not been read for thousands of lines: /api/state still has them
-
-    def _print_lines(self):
-        while True:
-            text = self.unprinted.get()
-            try:
-                print(text, flush=True)
-            except (OSError, ValueError):
-                pass  # the line is lost, the tick goes on; /api/state still has it
-            finally:
-                self.unprinted.task_done()
-
-    def flush(self, timeout=2.0):
-        """Wait until every line is printed (at exit), at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while self.unprinted.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
+            print(text, flush=True)
+        except (OSError, ValueError):
+            pass  # the line is lost, the tick goes on; /api/state still has it
 
     def _open(self):
         """The tick being logged, if one is open."""
