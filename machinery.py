@@ -953,26 +953,18 @@ class DesiredStateFile:
         return what change returns.
 
         The API holds the lock here, and the loop from step 2 to step 4, so they take
-        turns. A teacher's editor
-        takes none, so just before replacing the file we check it is still the version
-        we read (compare-and-swap, as a Kubernetes update checks resourceVersion); if
-        not, we start again from the teacher's text. Only a save landing in the
-        microseconds between that check and the rename could still be lost."""
+        turns. A teacher's editor takes none: when save() finds the file changed since
+        it was read, we start again from the teacher's text (at most ten times)."""
         with self.lock:
             for _ in range(10):
-                version = file_version(self.path)
-                text = self.read_text()
-                before, _ = self.parse(text)
-                desired = dict(before)
+                desired, _, version = self.read_with_version()
                 result = change(desired, *args)
-                if desired == before:
-                    return result  # nothing to write
-                if write_atomically(self.path, render_desired_state(text, desired),
-                                    unless_changed_since=version):
-                    break
-            else:
-                raise EditedMeanwhile("desired_state.txt keeps changing; try again")
-        return result
+                try:
+                    self.save(desired, version)
+                    return result
+                except EditedMeanwhile:
+                    continue
+        raise EditedMeanwhile("desired_state.txt keeps changing; try again")
 
 
 # ---------------------------------------------------------------------------
